@@ -1,0 +1,134 @@
+"""``fuse()``: the drop-in call that fuses infrared/visible pairs, from tensors or images."""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from .model import CrossFuse
+
+BACKENDS = ("reference",)
+UINT16_SCALINGS = ("minmax", "full")
+MIN_SIDE = 8
+"""Smallest image side: three 2 x 2 poolings must leave at least one deep pixel."""
+
+
+def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "reference",
+         uint16_scaling: str = "minmax"):
+    """Fuse infrared and visible images with CrossFuse.
+
+    Torch tensors ``[B, 1, H, W]``, float on 0..255, give the fused ``[B, 1, H, W]`` float on
+    0..255, unrounded, on the input's device. Any batch size and any ``H, W >= 8`` work.
+
+    Numpy images give a numpy image, ``uint8``, rounded to nearest:
+
+    - ``ir``: ``uint8`` or ``uint16``, ``[H, W]`` or ``[H, W, 1]``; a 3-channel BGR array
+      (some datasets store infrared that way) is converted to grey with OpenCV first.
+    - ``vis``: ``uint8`` or ``uint16``, ``[H, W]``, ``[H, W, 1]`` or 3-channel BGR (as
+      ``cv2.imread`` gives it). A colour image gives a colour result: the network fuses the
+      luminance (OpenCV's BGR -> YCrCb) and the visible chroma is kept (SPEC 3).
+    - ``uint16`` data is mapped to 0..255 by ``uint16_scaling``: ``"minmax"`` (default)
+      stretches each image's own range linearly, as thermal cameras' raw counts rarely fill
+      16 bits; ``"full"`` divides by 257 (65535 -> 255).
+
+    ``model`` is a :class:`CrossFuse` (``CrossFuse.from_original(...)`` for the released
+    weights) or the path of a file written by ``CrossFuse.save``. It runs in eval mode;
+    its own mode is restored afterwards. Mismatched sizes, wrong dtypes or shapes, NaN or
+    infinite values and images under 8 x 8 raise ``ValueError`` naming the problem.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if uint16_scaling not in UINT16_SCALINGS:
+        raise ValueError(f"unknown uint16_scaling {uint16_scaling!r}; use one of {', '.join(UINT16_SCALINGS)}")
+    if isinstance(model, (str, os.PathLike)):
+        model = CrossFuse.load(model)
+    if not isinstance(model, CrossFuse):
+        raise ValueError(f"model must be a CrossFuse or the path of a saved one, not {type(model).__name__}")
+    if isinstance(ir, torch.Tensor) and isinstance(vis, torch.Tensor):
+        return _fuse_tensors(ir, vis, model)
+    if isinstance(ir, np.ndarray) and isinstance(vis, np.ndarray):
+        return _fuse_images(ir, vis, model, uint16_scaling)
+    raise ValueError("ir and vis must both be torch tensors or both numpy arrays, "
+                     f"not {type(ir).__name__} and {type(vis).__name__}")
+
+
+def _check_tensor(name: str, x: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"{name} must be a [B, 1, H, W] tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor on 0..255, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if min(x.shape[-2:]) < MIN_SIDE:
+        raise ValueError(f"{name} is {x.shape[-2]} x {x.shape[-1]}; images must be at least "
+                         f"{MIN_SIDE} x {MIN_SIDE}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse) -> torch.Tensor:
+    _check_tensor("ir", ir)
+    _check_tensor("vis", vis)
+    if ir.shape != vis.shape:
+        raise ValueError(f"ir and vis differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            fused = model(ir.to(parameter), vis.to(parameter))
+    finally:
+        model.train(was_training)
+    return fused.to(ir.device)
+
+
+def _check_image(name: str, image: np.ndarray, colour_ok: bool) -> None:
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{name} must be a uint8 or uint16 image, got dtype {image.dtype} "
+                         "(pass float data as torch tensors on 0..255)")
+    channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in ((1, 3) if colour_ok else (1,)))
+    if not channels_ok:
+        raise ValueError(f"{name} must be [H, W], [H, W, 1] or [H, W, 3] (BGR), got shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"{name} is empty (shape {image.shape})")
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise ValueError(f"{name} is {image.shape[0]} x {image.shape[1]}; images must be at least "
+                         f"{MIN_SIDE} x {MIN_SIDE}")
+
+
+def _to_unit_float(image: np.ndarray, uint16_scaling: str) -> np.ndarray:
+    """uint8/uint16 -> float32 on 0..1 (uint16 by ``uint16_scaling``)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if uint16_scaling == "full":
+        return image.astype(np.float32) / 65535.0
+    low, high = float(image.min()), float(image.max())
+    return (image.astype(np.float32) - low) / max(high - low, 1.0)
+
+
+def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scaling: str) -> np.ndarray:
+    _check_image("ir", ir, colour_ok=True)
+    _check_image("vis", vis, colour_ok=True)
+    if ir.shape[:2] != vis.shape[:2]:
+        raise ValueError(f"ir and vis differ in size: {ir.shape[0]} x {ir.shape[1]} and "
+                         f"{vis.shape[0]} x {vis.shape[1]}")
+    ir_unit = _to_unit_float(ir, uint16_scaling)
+    if ir_unit.ndim == 3 and ir_unit.shape[2] == 3:
+        ir_unit = cv2.cvtColor(ir_unit, cv2.COLOR_BGR2GRAY)
+    vis_unit = _to_unit_float(vis, uint16_scaling)
+    colour = vis_unit.ndim == 3 and vis_unit.shape[2] == 3
+    if colour:
+        # Float input to OpenCV is taken as 0..1, with chroma centred on 0.5.
+        ycrcb = cv2.cvtColor(vis_unit, cv2.COLOR_BGR2YCrCb)
+        vis_luma = ycrcb[..., 0]
+    else:
+        vis_luma = vis_unit.reshape(vis_unit.shape[:2])
+    ir_tensor = torch.from_numpy(np.ascontiguousarray(ir_unit.reshape(ir_unit.shape[:2]) * 255.0))[None, None]
+    vis_tensor = torch.from_numpy(np.ascontiguousarray(vis_luma * 255.0))[None, None]
+    fused = _fuse_tensors(ir_tensor, vis_tensor, model)[0, 0].cpu().numpy()
+    if colour:
+        ycrcb[..., 0] = fused / 255.0
+        fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0
+    return np.clip(np.rint(fused), 0, 255).astype(np.uint8)

@@ -1,0 +1,62 @@
+"""``CrossFuse``: the two autoencoders and the fusion network as one model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import check_state_dict, load_into, read_tensors, save_tensors
+from .reference import AutoEncoder, FusionNet
+
+BUNDLE_FORMAT = "crossfuse-fast/1"
+
+
+class CrossFuse(nn.Module):
+    """Infrared autoencoder, visible autoencoder and fusion network, with the released sizes.
+
+    ``forward(ir, vis)`` takes ``[B, 1, H, W]`` images on 0..255 (H, W >= 8) and returns the
+    fused ``[B, 1, H, W]`` on 0..255, unrounded. Only the autoencoders' encoders take part in
+    fusion; their decoders are kept so a bundle holds everything stage 1 produced.
+    """
+
+    def __init__(self, ir_autoencoder: AutoEncoder | None = None, vis_autoencoder: AutoEncoder | None = None,
+                 fusion: FusionNet | None = None):
+        super().__init__()
+        self.ir_autoencoder = ir_autoencoder if ir_autoencoder is not None else AutoEncoder()
+        self.vis_autoencoder = vis_autoencoder if vis_autoencoder is not None else AutoEncoder()
+        self.fusion = fusion if fusion is not None else FusionNet()
+
+    def forward(self, ir: torch.Tensor, vis: torch.Tensor, shift: bool = True) -> torch.Tensor:
+        ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
+        vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
+        return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
+
+    @classmethod
+    def from_original(cls, *, ir_autoencoder: str | os.PathLike, vis_autoencoder: str | os.PathLike,
+                      fusion: str | os.PathLike) -> CrossFuse:
+        """Load the authors' three released files (``torch.load(weights_only=True)``, strict).
+
+        A file that is missing, truncated, not a checkpoint, or the wrong one of the three
+        raises :class:`~crossfuse_fast.CheckpointError` naming it and what was expected.
+        Files written by ``crossfuse_fast.train`` in the same format load here too.
+        """
+        model = cls()
+        load_into(model.ir_autoencoder, ir_autoencoder, "an infrared autoencoder checkpoint")
+        load_into(model.vis_autoencoder, vis_autoencoder, "a visible autoencoder checkpoint")
+        load_into(model.fusion, fusion, "a fusion network checkpoint")
+        return model.eval()
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write all three parts to one safetensors file; an existing file is kept unless ``overwrite``."""
+        return save_tensors(self.state_dict(), path, overwrite=overwrite, metadata={"format": BUNDLE_FORMAT})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CrossFuse:
+        """Read a file written by :meth:`save` (strict: every key and shape must match)."""
+        model = cls()
+        state = read_tensors(path, "a crossfuse-fast CrossFuse bundle")
+        check_state_dict(state, model, path, "a crossfuse-fast CrossFuse bundle")
+        model.load_state_dict(state, strict=True)
+        return model.eval()
