@@ -6,6 +6,8 @@ shrunk to the image, the last scale's ssim weighted in four times).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,10 +18,14 @@ GRADIENT_LOSS_WEIGHT = 10.0
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 
 
-def gaussian_window(size: int, sigma: float = 1.5, channels: int = 1, device=None) -> torch.Tensor:
-    """``[channels, 1, size, size]`` outer product of normalised 1-D Gaussian weights."""
-    x = torch.arange(size, dtype=torch.float32, device=device)
-    g = torch.exp(-((x - size // 2) ** 2) / (2 * sigma ** 2))
+def gaussian_window(size: int, sigma: float = 1.5, channels: int = 1, device=None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[channels, 1, size, size]`` outer product of normalised 1-D Gaussian weights.
+
+    The weights are computed in Python floats and normalised in ``dtype``, as pytorch-msssim does.
+    """
+    g = torch.tensor([math.exp(-((x - size // 2) ** 2) / (2 * sigma ** 2)) for x in range(size)],
+                     dtype=dtype, device=device)
     g = g / g.sum()
     return (g[:, None] @ g[None, :]).expand(channels, 1, size, size).contiguous()
 
@@ -34,7 +40,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11) -> tuple[torch
     min_value = -1.0 if a.min() < -0.5 else 0.0
     dynamic_range = max_value - min_value
     channels, height, width = a.shape[1:]
-    window = gaussian_window(min(window_size, height, width), channels=channels, device=a.device).to(a.dtype)
+    window = gaussian_window(min(window_size, height, width), channels=channels, device=a.device, dtype=a.dtype)
 
     def blur(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, window, groups=channels)

@@ -1,0 +1,173 @@
+"""The ``crossfuse`` command: fuse images, train both stages, write synthetic pairs.
+
+Errors a user can fix (missing files, wrong checkpoints, bad images, outputs that exist) are
+printed as one line and exit with status 2; outputs are never overwritten without
+``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .checkpoints import load_into
+from .data import IMAGE_SUFFIXES, ImageFolder, PairedFolders, SyntheticPairs
+from .reference import AutoEncoder
+
+
+def _load_model(args: argparse.Namespace):
+    from .model import CrossFuse
+    if args.checkpoint:
+        return CrossFuse.load(args.checkpoint)
+    if not (args.ir_autoencoder and args.vis_autoencoder and args.fusion):
+        raise ValueError("give --checkpoint, or all three of --ir-autoencoder, --vis-autoencoder and --fusion")
+    return CrossFuse.from_original(ir_autoencoder=args.ir_autoencoder, vis_autoencoder=args.vis_autoencoder,
+                                   fusion=args.fusion)
+
+
+def _read_image(path: Path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image")
+    return image
+
+
+def _fuse_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
+    """``(ir, vis, out)`` triples: one pair of files, or two folders paired by file name."""
+    ir, vis, out = Path(args.ir), Path(args.vis), Path(args.out)
+    if ir.is_dir() or vis.is_dir():
+        pairs = PairedFolders(ir, vis).pairs
+        return [(i, v, out / f"{i.stem}.png") for i, v in pairs]
+    for path in (ir, vis):
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file or folder")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{out}: the output needs an image suffix ({', '.join(IMAGE_SUFFIXES)})")
+    return [(ir, vis, out)]
+
+
+def _command_fuse(args: argparse.Namespace) -> None:
+    from .api import fuse
+    jobs = _fuse_jobs(args)
+    existing = [str(out) for _, _, out in jobs if out.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} output(s) would be replaced); "
+                              "pass --overwrite to replace")
+    model = _load_model(args).to(args.device)
+    for ir_path, vis_path, out in jobs:
+        fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model, uint16_scaling=args.uint16_scaling)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out), fused):
+            raise ValueError(f"{out}: could not be written")
+        print(f"{out}")
+
+
+def _command_train_autoencoder(args: argparse.Namespace) -> None:
+    from .train import train_autoencoder
+    dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
+               if args.synthetic else ImageFolder(args.images, args.size))
+    train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      device=args.device, max_steps=args.max_steps, overwrite=args.overwrite)
+
+
+def _command_train_fusion(args: argparse.Namespace) -> None:
+    from .train import train_fusion
+    dataset = (SyntheticPairs(args.synthetic, args.size) if args.synthetic
+               else PairedFolders(args.ir, args.vis, args.size))
+    ir_autoencoder = load_into(AutoEncoder(), args.ir_autoencoder, "an infrared autoencoder checkpoint")
+    vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
+    train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, device=args.device, max_steps=args.max_steps,
+                 overwrite=args.overwrite)
+
+
+def _command_synthetic(args: argparse.Namespace) -> None:
+    from .synthetic import synthetic_pair
+    out = Path(args.out)
+    names = [f"{index:04d}.png" for index in range(args.count)]
+    existing = [str(out / sub / name) for sub in ("ir", "vis") for name in names if (out / sub / name).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace")
+    for sub in ("ir", "vis"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        ir, vis = synthetic_pair(args.height, args.width, np.random.default_rng((args.seed, index)))
+        cv2.imwrite(str(out / "ir" / name), ir)
+        cv2.imwrite(str(out / "vis" / name), vis)
+    print(f"{args.count} pairs in {out / 'ir'} and {out / 'vis'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crossfuse", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fuse = commands.add_parser("fuse", help="fuse an infrared/visible pair, or two folders of pairs")
+    fuse.add_argument("--ir", required=True, help="infrared image, or folder of them")
+    fuse.add_argument("--vis", required=True, help="visible image (grey or colour), or folder paired by name")
+    fuse.add_argument("--out", required=True, help="output image, or folder for folder inputs (PNG names)")
+    fuse.add_argument("--ir-autoencoder", help="released infrared autoencoder .model file")
+    fuse.add_argument("--vis-autoencoder", help="released visible autoencoder .model file")
+    fuse.add_argument("--fusion", help="released fusion network .model file")
+    fuse.add_argument("--checkpoint", help="a CrossFuse bundle written by CrossFuse.save (instead of the three)")
+    fuse.add_argument("--uint16-scaling", choices=("minmax", "full"), default="minmax",
+                      help="how 16-bit images map to 0..255 (default: each image's own range)")
+    fuse.add_argument("--device", default="cpu")
+    fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    fuse.set_defaults(run=_command_fuse)
+
+    for name, helptext in (("train-autoencoder", "stage 1: train one modality's autoencoder"),
+                           ("train-fusion", "stage 2: train the fusion network on frozen encoders")):
+        sub = commands.add_parser(name, help=helptext)
+        stage1 = name == "train-autoencoder"
+        if stage1:
+            sub.add_argument("--images", help="folder of training images of one modality")
+            sub.add_argument("--synthetic-modality", choices=("ir", "vis"), default="ir")
+        else:
+            sub.add_argument("--ir", help="folder of infrared training images")
+            sub.add_argument("--vis", help="folder of visible training images, paired by file name")
+            sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
+            sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
+        sub.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N synthetic images/pairs")
+        sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
+        sub.add_argument("--epochs", type=int, default=4 if stage1 else 32)
+        sub.add_argument("--batch-size", type=int, default=2 if stage1 else 8)
+        sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3)
+        sub.add_argument("--size", type=int, default=256, help="training images are resized to SIZE x SIZE")
+        sub.add_argument("--max-steps", type=int, help="cap the batches per epoch (smoke runs)")
+        sub.add_argument("--device", default="cpu")
+        sub.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
+        sub.set_defaults(run=_command_train_autoencoder if stage1 else _command_train_fusion)
+
+    synthetic = commands.add_parser("synthetic", help="write synthetic pairs to OUT/ir and OUT/vis")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--count", type=int, default=8)
+    synthetic.add_argument("--height", type=int, default=256)
+    synthetic.add_argument("--width", type=int, default=256)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic.set_defaults(run=_command_synthetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command.startswith("train-") and not args.synthetic:
+        missing = ["--images"] if args.command == "train-autoencoder" and not args.images else []
+        if args.command == "train-fusion":
+            missing = [flag for flag, value in (("--ir", args.ir), ("--vis", args.vis)) if not value]
+        if missing:
+            print(f"crossfuse {args.command}: give {' and '.join(missing)}, or --synthetic N", file=sys.stderr)
+            return 2
+    try:
+        args.run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"crossfuse {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

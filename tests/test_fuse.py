@@ -1,0 +1,155 @@
+"""``fuse()``: windows, batches, sizes, numpy images and colour, and every documented bad input."""
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crossfuse_fast import fuse
+from crossfuse_fast.synthetic import synthetic_batch, synthetic_pair
+
+
+def relative_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_shift_is_a_no_op(model):
+    ir, vis = synthetic_batch(2, 96, 136, seed=1)
+    with torch.no_grad():
+        shifted = model(ir, vis, shift=True)
+        unshifted = model(ir, vis, shift=False)
+    assert relative_max_error(shifted, unshifted) < 1e-4
+
+
+def test_batch_of_three_equals_three_singles(model):
+    ir, vis = synthetic_batch(3, 72, 104, seed=2)
+    batched = fuse(ir, vis, model=model)
+    singles = torch.cat([fuse(ir[i:i + 1], vis[i:i + 1], model=model) for i in range(3)])
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-3)
+
+
+def test_windows_one_by_one(model):
+    """A 300 x 410 image (deep map 37 x 51, four windows) against its windows run separately."""
+    ir, vis = synthetic_batch(1, 300, 410, seed=3)
+    with torch.no_grad():
+        _, ir_deep = model.ir_autoencoder.encode(ir)
+        _, vis_deep = model.vis_autoencoder.encode(vis)
+        assert ir_deep.shape[-2:] == (37, 51)
+        whole = model.fusion.fuse_deep(ir_deep, vis_deep)
+        ir_padded = F.pad(ir_deep, (0, 64 - 51, 0, 64 - 37), mode="reflect")
+        vis_padded = F.pad(vis_deep, (0, 64 - 51, 0, 64 - 37), mode="reflect")
+        one_by_one = torch.empty_like(ir_padded)
+        for top in (0, 32):
+            for left in (0, 32):
+                window = (slice(None), slice(None), slice(top, top + 32), slice(left, left + 32))
+                one_by_one[window] = model.fusion.cross_atten_block(ir_padded[window], vis_padded[window])
+    torch.testing.assert_close(whole, one_by_one[:, :, :37, :51], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (17, 23), (64, 64), (480, 640), (8, 300)])
+def test_sizes(model, height, width):
+    ir, vis = synthetic_batch(1, height, width, seed=height * width)
+    fused = fuse(ir, vis, model=model)
+    assert fused.shape == (1, 1, height, width)
+    assert torch.isfinite(fused).all()
+    assert fused.min() >= 0 and fused.max() <= 255.0 + 1e-3
+    assert fused.max() - fused.min() > 200  # min-max stretched: not a constant image
+
+
+def test_model_mode_is_restored(model):
+    ir, vis = synthetic_batch(1, 32, 32)
+    model.train()
+    try:
+        fuse(ir, vis, model=model)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_numpy_grey_uint8_is_the_tensor_result_rounded(model):
+    ir, vis = synthetic_pair(40, 56, seed=4)
+    fused = fuse(ir, vis, model=model)
+    assert fused.dtype == np.uint8 and fused.shape == (40, 56)
+    tensor = fuse(torch.from_numpy(ir).float()[None, None], torch.from_numpy(vis).float()[None, None], model=model)
+    np.testing.assert_array_equal(fused, np.clip(np.rint(tensor[0, 0].numpy()), 0, 255).astype(np.uint8))
+
+
+def test_numpy_channel_axis_of_one(model):
+    ir, vis = synthetic_pair(24, 24, seed=5)
+    np.testing.assert_array_equal(fuse(ir[..., None], vis[..., None], model=model), fuse(ir, vis, model=model))
+
+
+def test_colour_visible_keeps_chroma(model):
+    ir, grey = synthetic_pair(48, 64, seed=6)
+    rng = np.random.default_rng(6)
+    vis = np.stack([grey, np.clip(grey.astype(int) + 40, 0, 255), rng.integers(0, 255, grey.shape)], axis=-1)
+    vis = vis.astype(np.uint8)
+    fused = fuse(ir, vis, model=model)
+    assert fused.shape == (48, 64, 3) and fused.dtype == np.uint8
+    luma = cv2.cvtColor(vis, cv2.COLOR_BGR2YCrCb)[..., 0]
+    fused_luma = fuse(ir, luma, model=model).astype(int)
+    fused_ycrcb = cv2.cvtColor(fused, cv2.COLOR_BGR2YCrCb).astype(int)
+    vis_ycrcb = cv2.cvtColor(vis, cv2.COLOR_BGR2YCrCb).astype(int)
+    # Luminance is the fused one, chroma the visible one, up to the uint8 round trips.
+    assert np.abs(fused_ycrcb[..., 0] - fused_luma).mean() < 1.5
+    unclipped = (fused_ycrcb[..., 0] > 10) & (fused_ycrcb[..., 0] < 245)
+    assert np.abs(fused_ycrcb[..., 1:] - vis_ycrcb[..., 1:])[unclipped].mean() < 1.5
+
+
+def test_three_channel_infrared_is_greyed(model):
+    ir, vis = synthetic_pair(32, 40, seed=7)
+    np.testing.assert_array_equal(fuse(np.repeat(ir[..., None], 3, -1), vis, model=model),
+                                  fuse(ir, vis, model=model))
+
+
+def test_uint16_scalings(model):
+    ir, vis = synthetic_pair(32, 40, seed=8)
+    raw = 7000 + ir.astype(np.uint16) * 3  # a thermal camera's counts in a narrow band
+    full = (ir.astype(np.uint16) * 257)
+    minmax_result = fuse(raw, vis, model=model)
+    stretched = np.rint((raw - raw.min()) / (raw.max() - raw.min()) * 255).astype(np.uint8)
+    assert np.abs(minmax_result.astype(int) - fuse(stretched, vis, model=model).astype(int)).max() <= 1
+    np.testing.assert_array_equal(fuse(full, vis, model=model, uint16_scaling="full"), fuse(ir, vis, model=model))
+
+
+BAD_INPUTS = [
+    ("size", lambda: (np.zeros((32, 32), np.uint8), np.zeros((32, 40), np.uint8)), "differ in size"),
+    ("shape", lambda: (torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 40)), "differ in shape"),
+    ("batch", lambda: (torch.zeros(2, 1, 32, 32), torch.zeros(1, 1, 32, 32)), "differ in shape"),
+    ("float-array", lambda: (np.zeros((32, 32), np.float64), np.zeros((32, 32), np.uint8)),
+     "ir must be a uint8 or uint16 image, got dtype float64"),
+    ("int-array", lambda: (np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.int32)),
+     "vis must be a uint8 or uint16 image, got dtype int32"),
+    ("int-tensor", lambda: (torch.zeros(1, 1, 32, 32, dtype=torch.uint8), torch.zeros(1, 1, 32, 32)),
+     "ir must be a floating-point tensor"),
+    ("nan", lambda: (torch.zeros(1, 1, 32, 32), torch.full((1, 1, 32, 32), float("nan"))),
+     "vis contains NaN or infinite values"),
+    ("inf", lambda: (torch.full((1, 1, 32, 32), float("inf")), torch.zeros(1, 1, 32, 32)),
+     "ir contains NaN or infinite values"),
+    ("empty-array", lambda: (np.zeros((0, 32), np.uint8), np.zeros((0, 32), np.uint8)), "ir is empty"),
+    ("empty-tensor", lambda: (torch.zeros(0, 1, 32, 32), torch.zeros(0, 1, 32, 32)), "ir is empty"),
+    ("small-array", lambda: (np.zeros((7, 32), np.uint8), np.zeros((7, 32), np.uint8)), "at least 8 x 8"),
+    ("small-tensor", lambda: (torch.zeros(1, 1, 32, 5), torch.zeros(1, 1, 32, 5)), "at least 8 x 8"),
+    ("channels-tensor", lambda: (torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)), r"\[B, 1, H, W\]"),
+    ("ndim-tensor", lambda: (torch.zeros(32, 32), torch.zeros(32, 32)), r"\[B, 1, H, W\]"),
+    ("four-channels", lambda: (np.zeros((32, 32), np.uint8), np.zeros((32, 32, 4), np.uint8)), "BGR"),
+    ("mixed", lambda: (np.zeros((32, 32), np.uint8), torch.zeros(1, 1, 32, 32)), "must both be torch tensors or both numpy"),
+    ("list", lambda: ([[0] * 32] * 32, [[0] * 32] * 32), "must both be torch tensors or both numpy"),
+]
+
+
+@pytest.mark.parametrize("make,message", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_inputs(model, make, message):
+    ir, vis = make()
+    with pytest.raises(ValueError, match=message):
+        fuse(ir, vis, model=model)
+
+
+def test_bad_arguments(model):
+    ir, vis = synthetic_batch(1, 16, 16)
+    with pytest.raises(ValueError, match="unknown backend 'triton'; available: reference"):
+        fuse(ir, vis, model=model, backend="triton")
+    with pytest.raises(ValueError, match="unknown uint16_scaling"):
+        fuse(ir, vis, model=model, uint16_scaling="log")
+    with pytest.raises(ValueError, match="model must be a CrossFuse"):
+        fuse(ir, vis, model=object())
