@@ -1,0 +1,136 @@
+"""Both training stages: finite, decreasing losses; gradients reach exactly the used parameters."""
+import re
+
+import pytest
+import torch
+
+from crossfuse_fast import CrossFuse
+from crossfuse_fast.data import SyntheticPairs
+from crossfuse_fast.losses import autoencoder_loss, fusion_loss, gradient_loss, laplacian, order_loss
+from crossfuse_fast.reference import AutoEncoder, FusionNet
+from crossfuse_fast.synthetic import synthetic_batch
+from crossfuse_fast.train import train_autoencoder, train_fusion
+
+# Parameters of the released fusion network that its forward never reads.
+UNUSED_FUSION_PARAMETERS = re.compile(
+    r"cross_atten_block\.cross_atten_block\.cross_atten\d\.blocks\.\d\.attn\.qkv\.(weight|bias)"
+    r"|cross_atten_block\.self_atten_block\d\.self_atten\d\.norm\.(weight|bias)"
+    r"|conv_gra\.weight"
+    r"|decoder_fusion\.weight\.conv_(sh|de)\.weight")
+
+
+def optimise(loss_fn, parameters, lr, steps=4):
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return losses
+
+
+def test_autoencoder_loss_finite_and_decreasing():
+    torch.manual_seed(0)
+    autoencoder = AutoEncoder()
+    images, _ = synthetic_batch(2, 64, 64, seed=10)
+    losses = optimise(lambda: autoencoder_loss(autoencoder, images), autoencoder.parameters(), lr=1e-4)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_autoencoder_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    autoencoder = AutoEncoder()
+    images, _ = synthetic_batch(2, 64, 64, seed=11)
+    autoencoder_loss(autoencoder, images).backward()
+    for name, parameter in autoencoder.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.fixture(scope="module")
+def stage2():
+    torch.manual_seed(0)
+    return AutoEncoder().eval(), AutoEncoder().eval(), FusionNet().train(), synthetic_batch(2, 256, 256, seed=12)
+
+
+def test_fusion_gradients_reach_exactly_the_used_parameters(stage2):
+    ir_autoencoder, vis_autoencoder, fusion, (ir, vis) = stage2
+    fusion.zero_grad(set_to_none=True)
+    loss = fusion_loss(fusion, ir_autoencoder, vis_autoencoder, ir, vis)
+    assert torch.isfinite(loss)
+    loss.backward()
+    unused = []
+    for name, parameter in fusion.named_parameters():
+        if UNUSED_FUSION_PARAMETERS.fullmatch(name):
+            assert parameter.grad is None, name
+            unused.append(name)
+        else:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert len(unused) == 4 + 8 + 1 + 2  # cross qkv, self-module norms, conv_gra, box filters
+    for encoder in (ir_autoencoder, vis_autoencoder):
+        assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_fusion_loss_decreases_and_leaves_encoders_untouched(stage2):
+    ir_autoencoder, vis_autoencoder, _, (ir, vis) = stage2
+    torch.manual_seed(1)
+    fusion = FusionNet().train()
+    encoders_before = [p.clone() for e in (ir_autoencoder, vis_autoencoder) for p in e.parameters()]
+    trainable = [p for p in fusion.parameters() if p.requires_grad]
+    losses = optimise(lambda: fusion_loss(fusion, ir_autoencoder, vis_autoencoder, ir, vis), trainable, lr=1e-3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    encoders_after = [p for e in (ir_autoencoder, vis_autoencoder) for p in e.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(encoders_before, encoders_after))
+    assert torch.all(fusion.decoder_fusion.weight.conv_de.weight == 1 / 9)
+
+
+def test_order_and_gradient_targets():
+    ir = torch.zeros(1, 1, 24, 24)
+    vis = torch.full((1, 1, 24, 24), 50.0)
+    ir[..., 4:20, 4:20] = 200.0
+    # Far inside the hot square infrared wins, far outside visible: the target is their choice.
+    target = torch.where(ir > 100, ir, vis)
+    assert order_loss(target, ir, vis) < order_loss(vis, ir, vis)
+    assert gradient_loss(ir, ir, vis) == 0
+    assert gradient_loss(vis, ir, vis) > 0
+    bump = torch.zeros(1, 1, 5, 5)
+    bump[..., 2, 2] = 1.0
+    assert laplacian(bump)[0, 0, 2, 2] == -4 and laplacian(bump)[0, 0, 1, 2] == 1
+
+
+def test_training_loops_write_loadable_checkpoints(tmp_path):
+    logs = []
+    train_autoencoder(SyntheticPairs(2, 32, modality="ir"), tmp_path / "ir", epochs=1, max_steps=1, log=logs.append)
+    train_autoencoder(SyntheticPairs(2, 32, modality="vis"), tmp_path / "vis", epochs=1, max_steps=1,
+                      log=logs.append)
+    ir_ae = AutoEncoder()
+    ir_ae.load_state_dict(torch.load(tmp_path / "ir" / "autoencoder_epoch1.model", weights_only=True))
+    vis_ae = AutoEncoder()
+    vis_ae.load_state_dict(torch.load(tmp_path / "vis" / "autoencoder_epoch1.model", weights_only=True))
+    train_fusion(SyntheticPairs(2, 64), ir_ae, vis_ae, tmp_path / "fusion", epochs=2, batch_size=2, max_steps=1,
+                 log=logs.append)
+    model = CrossFuse.from_original(ir_autoencoder=tmp_path / "ir" / "autoencoder_epoch1.model",
+                                    vis_autoencoder=tmp_path / "vis" / "autoencoder_epoch1.model",
+                                    fusion=tmp_path / "fusion" / "fusion_epoch2.model")
+    assert model is not None
+    assert any(line.startswith("fusion epoch 2 step 1 loss") for line in logs)
+    with pytest.raises(FileExistsError, match="fusion_epoch1.model exists"):
+        train_fusion(SyntheticPairs(2, 64), ir_ae, vis_ae, tmp_path / "fusion", epochs=1, log=logs.append)
+
+
+def test_learning_rate_schedule(tmp_path, monkeypatch):
+    autoencoder = AutoEncoder()
+    seen = []
+    original_step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    train_autoencoder(SyntheticPairs(2, 16, modality="ir"), tmp_path, epochs=4, max_steps=1,
+                      autoencoder=autoencoder, log=lambda line: None)
+    assert seen == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
