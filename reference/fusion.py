@@ -41,8 +41,9 @@ class SourceWeights(nn.Module):
     @torch.no_grad()
     def shallow(self, ir_shallow: torch.Tensor, vis_shallow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Detail weights of the shallow maps, from ``|x - box(x)|``, without gradient."""
-        s_ir = (ir_shallow - self.conv_sh(ir_shallow)).abs()
-        s_vis = (vis_shallow - self.conv_sh(vis_shallow)).abs()
+        # sqrt(d^2) rather than |d|, as released: it rounds differently in the last bit.
+        s_ir = torch.sqrt((ir_shallow - self.conv_sh(ir_shallow)) ** 2)
+        s_vis = torch.sqrt((vis_shallow - self.conv_sh(vis_shallow)) ** 2)
         total = s_ir + s_vis + 1e-6
         return s_ir / total, s_vis / total
 
