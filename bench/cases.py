@@ -1,0 +1,240 @@
+"""The benchmark cases and the providers that run them.
+
+Providers (each added as it exists):
+
+- ``eager``: the reference (``crossfuse_fast.reference``) as it is, all windows and images of
+  a batch in one call.
+- ``compile``: ``torch.compile`` of the same reference code (static shapes, compiled per case).
+- ``released``: the reference run the way the released code runs it: one image at a time and
+  one 32 x 32 window at a time in a Python loop, with the roll. Only where that differs from
+  ``eager`` (fusion end to end, the cross encoder).
+- ``sdpa``: ``scaled_dot_product_attention`` on negated queries (attention alone).
+
+Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
+the values, and the released files cannot be downloaded here.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from crossfuse_fast import CrossFuse
+from crossfuse_fast.losses import autoencoder_loss, fusion_loss
+from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
+from crossfuse_fast.reference.functional import WINDOW
+
+from .flops import ADAM_PARAMETER_TRANSFERS, count_forward, parameter_bytes, tensor_bytes
+
+HEADS, TOKENS, HEAD_DIM = 16, 256, 32
+
+
+@dataclass
+class Case:
+    """One workload: inputs made outside the timed region, and a callable per provider."""
+
+    name: str
+    group: str
+    flops: int
+    min_bytes: int
+    make_inputs: Callable[[int], tuple]
+    providers: dict[str, Callable[..., object]]
+    quick: bool = False
+    notes: str = ""
+    layer_flops: dict[str, int] = field(default_factory=dict)
+
+
+def _randomise_batch_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                n = layer.num_features
+                layer.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                layer.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+
+
+def _images(batch: int, height: int, width: int, device, dtype) -> Callable[[int], tuple]:
+    def make(seed: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        ir = torch.rand(batch, 1, height, width, generator=generator) * 255
+        vis = torch.rand(batch, 1, height, width, generator=generator) * 255
+        return ir.to(device, dtype), vis.to(device, dtype)
+    return make
+
+
+def released_style_fuse(model: CrossFuse, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """The released inference loop: image by image, window by window, roll on (SPEC 2.1, 2.3)."""
+    outputs = []
+    for index in range(ir.shape[0]):
+        ir_shallow, ir_deep = model.ir_autoencoder.encode(ir[index:index + 1])
+        vis_shallow, vis_deep = model.vis_autoencoder.encode(vis[index:index + 1])
+        fused = released_style_cross_encoder(model.fusion.cross_atten_block, ir_deep, vis_deep)
+        outputs.append(model.fusion.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow))
+    return torch.cat(outputs)
+
+
+def released_style_cross_encoder(encoder: torch.nn.Module, ir_deep: torch.Tensor,
+                                 vis_deep: torch.Tensor) -> torch.Tensor:
+    """Pad the deep maps, run the cross encoder on one window at a time, put them back."""
+    height, width = ir_deep.shape[-2:]
+    pad = (0, -width % WINDOW, 0, -height % WINDOW)
+    ir_padded, vis_padded = F.pad(ir_deep, pad, mode="reflect"), F.pad(vis_deep, pad, mode="reflect")
+    fused = torch.empty_like(ir_padded)
+    for top in range(0, ir_padded.shape[-2], WINDOW):
+        for left in range(0, ir_padded.shape[-1], WINDOW):
+            window = (slice(None), slice(None), slice(top, top + WINDOW), slice(left, left + WINDOW))
+            fused[window] = encoder(ir_padded[window], vis_padded[window], shift=True)
+    return fused[..., :height, :width]
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _inference(fn: Callable) -> Callable:
+    def run(*inputs):
+        with torch.inference_mode():
+            return fn(*inputs)
+    return run
+
+
+def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) -> list[Case]:
+    """Every case of the harness, for the given device, dtype and providers."""
+    torch.manual_seed(0)
+    model = CrossFuse()
+    _randomise_batch_norms(model)
+    model = model.eval().to(device, dtype)
+    meta = CrossFuse().eval().to("meta", dtype)
+    weights_bytes = parameter_bytes(model.ir_autoencoder.fea_encoder1) * 2 + parameter_bytes(model.fusion)
+    cases: list[Case] = []
+
+    def keep(candidates: dict[str, Callable]) -> dict[str, Callable]:
+        return {name: fn for name, fn in candidates.items() if name in providers}
+
+    for height, width, tag in ((256, 256, "256x256"), (480, 640, "480x640"), (1024, 1280, "1024x1280")):
+        for batch in (1, 8):
+            make = _images(batch, height, width, device, dtype)
+            shapes = [torch.empty(batch, 1, height, width, device="meta", dtype=dtype)] * 2
+            count = count_forward(meta, lambda: meta(*shapes))
+            windows = batch * math.ceil(height / 8 / WINDOW) * math.ceil(width / 8 / WINDOW)
+            cases.append(Case(
+                name=f"fuse {tag} b{batch}", group="fuse end to end", flops=count.total,
+                min_bytes=3 * tensor_bytes(shapes[0]) + weights_bytes, make_inputs=make,
+                providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
+                                "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis))}),
+                quick=batch == 1 and height <= 480, notes=f"{windows} windows", layer_flops=count.grouped(2)))
+
+    for windows in (6, 48, 384):
+        def make_windows(seed: int, windows=windows) -> tuple:
+            generator = torch.Generator().manual_seed(seed)
+            x = torch.randn(2, windows, 128, WINDOW, WINDOW, generator=generator)
+            return tuple(x.to(device, dtype).unbind(0))
+        encoder = model.fusion.cross_atten_block
+        meta_encoder = meta.fusion.cross_atten_block
+        shape = torch.empty(windows, 128, WINDOW, WINDOW, device="meta", dtype=dtype)
+        count = count_forward(meta_encoder, lambda: meta_encoder(shape, shape))
+        cases.append(Case(
+            name=f"cross encoder w{windows}", group="cross encoder", flops=count.total,
+            min_bytes=3 * tensor_bytes(shape) + parameter_bytes(encoder), make_inputs=make_windows,
+            providers=keep({"eager": _inference(encoder), "compile": _inference(_compiled(encoder)),
+                            "released": _inference(lambda ir, vis: released_style_cross_encoder(encoder, ir, vis))}),
+            quick=windows == 6, layer_flops=count.grouped(2)))
+
+        def make_qkv(seed: int, windows=windows) -> tuple:
+            generator = torch.Generator().manual_seed(seed)
+            qkv = torch.randn(3, windows, HEADS, TOKENS, HEAD_DIM, generator=generator)
+            return tuple(qkv.to(device, dtype).unbind(0))
+        q = torch.empty(windows, HEADS, TOKENS, HEAD_DIM, dtype=dtype)
+        cases.append(Case(
+            name=f"attention w{windows}", group="attention", flops=2 * 2 * windows * HEADS * TOKENS ** 2 * HEAD_DIM,
+            min_bytes=4 * tensor_bytes(q), make_inputs=make_qkv,
+            providers=keep({
+                "eager": _inference(lambda q, k, v: attention_ref(q, k, v, reverse=True)),
+                "compile": _inference(_compiled(lambda q, k, v: attention_ref(q, k, v, reverse=True))),
+                "sdpa": _inference(lambda q, k, v: F.scaled_dot_product_attention(-q, k, v))}),
+            quick=windows == 6, notes="reversed softmax, 16 heads of 32, 256 tokens"))
+
+    height, width = 480, 640
+    encoder = model.ir_autoencoder
+    image = torch.empty(1, 1, height, width, device="meta", dtype=dtype)
+    count = count_forward(meta.ir_autoencoder, lambda: meta.ir_autoencoder.encode(image))
+    cases.append(Case(
+        name="encoder 480x640 b1", group="encoder", flops=count.total,
+        min_bytes=tensor_bytes(image) * (1 + 32 + 128 / 64) + parameter_bytes(encoder.fea_encoder1),
+        make_inputs=lambda seed: _images(1, height, width, device, dtype)(seed)[:1],
+        providers=keep({"eager": _inference(encoder.encode), "compile": _inference(_compiled(encoder.encode))}),
+        quick=True, layer_flops=count.grouped(3)))
+
+    def make_decoder_inputs(seed: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        deep = [torch.randn(1, 128, height // 8, width // 8, generator=generator) for _ in range(3)]
+        shallow = [torch.randn(1, 32, height, width, generator=generator) for _ in range(2)]
+        return tuple(t.to(device, dtype) for t in (deep[0], deep[1], shallow[0], deep[2], shallow[1]))
+    decoder = model.fusion.decoder_fusion
+    shapes = [t.to("meta") for t in make_decoder_inputs(0)]
+    count = count_forward(meta.fusion.decoder_fusion, lambda: meta.fusion.decoder_fusion(*shapes))
+    cases.append(Case(
+        name="fusion decoder 480x640 b1", group="fusion decoder", flops=count.total,
+        min_bytes=tensor_bytes(*shapes) + tensor_bytes(image) + parameter_bytes(decoder),
+        make_inputs=make_decoder_inputs,
+        providers=keep({"eager": _inference(decoder), "compile": _inference(_compiled(decoder))}),
+        quick=True, layer_flops=count.grouped(2), notes="box filters run as dense convs"))
+
+    cases.extend(_training_cases(device, dtype, keep))
+    return cases
+
+
+def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) -> list[Case]:
+    """One optimiser step of each stage on 256 x 256 crops (stage 1 batch 2, stage 2 batch 8)."""
+    cases = []
+    torch.manual_seed(1)
+    autoencoder = AutoEncoder().to(device, dtype).train()
+    meta_autoencoder = AutoEncoder().to("meta", dtype)
+    images = torch.empty(2, 1, 256, 256, device="meta", dtype=dtype)
+    forward = count_forward(meta_autoencoder, lambda: meta_autoencoder(images)).total
+    step_bytes = 2 * tensor_bytes(images) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(autoencoder)
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-4, weight_decay=0.9)
+
+    def stage1_step(loss_fn: Callable) -> Callable:
+        def step(batch):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(autoencoder, batch).backward()
+            optimizer.step()
+        return step
+
+    cases.append(Case(
+        name="train stage 1 256x256 b2", group="training", flops=3 * forward, min_bytes=step_bytes,
+        make_inputs=lambda seed: _images(2, 256, 256, device, dtype)(seed)[:1],
+        providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss))}),
+        quick=True, notes="forward + backward + Adam; MS-SSIM not counted"))
+
+    encoders = [AutoEncoder().to(device, dtype).eval().requires_grad_(False) for _ in range(2)]
+    fusion = FusionNet().to(device, dtype).train()
+    meta_fusion = FusionNet().to("meta", dtype)
+    deep = torch.empty(8, 128, 32, 32, device="meta", dtype=dtype)
+    shallow = torch.empty(8, 32, 256, 256, device="meta", dtype=dtype)
+    crops = torch.empty(8, 1, 256, 256, device="meta", dtype=dtype)
+    encoder_flops = 2 * count_forward(meta_autoencoder, lambda: meta_autoencoder.encode(crops)).total
+    fusion_flops = count_forward(meta_fusion, lambda: meta_fusion(deep, shallow, deep, shallow, shift=False)).total
+    trainable = [p for p in fusion.parameters() if p.requires_grad]
+    fusion_optimizer = torch.optim.Adam(trainable, lr=1e-3, weight_decay=0.9)
+
+    def stage2_step(loss_fn: Callable) -> Callable:
+        def step(ir, vis):
+            fusion_optimizer.zero_grad(set_to_none=True)
+            loss_fn(fusion, encoders[0], encoders[1], ir, vis).backward()
+            fusion_optimizer.step()
+        return step
+
+    cases.append(Case(
+        name="train stage 2 256x256 b8", group="training", flops=encoder_flops + 3 * fusion_flops,
+        min_bytes=3 * tensor_bytes(crops) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(fusion, trainable_only=True)
+        + 2 * parameter_bytes(encoders[0].fea_encoder1),
+        make_inputs=_images(8, 256, 256, device, dtype),
+        providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss))}),
+        quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
+    return cases

@@ -1,0 +1,78 @@
+"""What machine a run is on, and its measured ceilings (peak matmul FLOP/s, copy bandwidth)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .timing import Timer
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device) -> dict[str, str | int]:
+    """Machine, processor, accelerator and software versions for a results row."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, str | int] = {
+        "cpu": cpu_name(), "cores": cores, "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+        "commit": commit, "device": device.type,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["machine"] = f"{info['gpu']}"
+    else:
+        info["machine"] = f"{info['cpu']} x{cores}"
+    return info
+
+
+def measure_ceilings(device: torch.device, quick: bool) -> dict[str, float]:
+    """Peak FLOP/s of a large matrix product per dtype and copy bandwidth (read + write bytes)."""
+    timer = Timer(device)
+    ceilings: dict[str, float] = {}
+    size = (1024 if quick else 2048) if device.type == "cpu" else 8192
+    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        seconds = timer.median(lambda: torch.mm(a, b), repeats=5 if quick else 10)
+        ceilings[f"matmul_{str(dtype).removeprefix('torch.')}_flops"] = 2 * size ** 3 / seconds
+    if device.type == "cuda":
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            a = torch.randn(size, size, device=device)
+            b = torch.randn(size, size, device=device)
+            ceilings["matmul_tf32_flops"] = 2 * size ** 3 / timer.median(lambda: torch.mm(a, b), repeats=10)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    elements = (64 if device.type == "cpu" else 512) * 2 ** 20
+    source = torch.randn(elements, device=device)
+    target = torch.empty_like(source)
+    seconds = timer.median(lambda: target.copy_(source), repeats=5 if quick else 10)
+    ceilings["copy_bytes_per_s"] = 2 * source.numel() * source.element_size() / seconds
+    return ceilings
