@@ -141,7 +141,8 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
             name=f"cross encoder w{windows}", group="cross encoder", flops=count.total,
             min_bytes=3 * tensor_bytes(shape) + parameter_bytes(encoder), make_inputs=make_windows,
             providers=keep({"eager": _inference(encoder), "compile": _inference(_compiled(encoder)),
-                            "released": _inference(lambda ir, vis: released_style_cross_encoder(encoder, ir, vis))}),
+                            "released": _inference(lambda ir, vis, encoder=encoder:
+                                                   released_style_cross_encoder(encoder, ir, vis))}),
             quick=windows == 6, layer_flops=count.grouped(2)))
 
         def make_qkv(seed: int, windows=windows) -> tuple:

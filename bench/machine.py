@@ -35,7 +35,8 @@ def describe(device: torch.device) -> dict[str, str | int]:
                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        # A copy of the tree without .git (the GPU machine): the caller may say which commit it is.
+        commit = os.environ.get("BENCH_COMMIT", "unknown")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, str | int] = {
         "cpu": cpu_name(), "cores": cores, "torch_threads": torch.get_num_threads(),
@@ -45,6 +46,9 @@ def describe(device: torch.device) -> dict[str, str | int]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["machine"] = f"{info['gpu']}"
+        # PyTorch's defaults: cuDNN convolutions in TF32, float32 matrix products in full fp32.
+        info["cudnn_tf32"] = int(torch.backends.cudnn.allow_tf32)
+        info["matmul_tf32"] = int(torch.backends.cuda.matmul.allow_tf32)
     else:
         info["machine"] = f"{info['cpu']} x{cores}"
     return info

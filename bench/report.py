@@ -49,6 +49,14 @@ def _seconds(value: float) -> str:
     return f"{value * 1e6:.1f} us"
 
 
+def _peak_dtype(run: dict, dtype: str) -> str:
+    """The matmul peak a row is read against: float32 work on a GPU whose convolutions run in
+    TF32 (PyTorch's default) against the TF32 peak, since the convolutions dominate the model."""
+    if dtype == "float32" and run.get("cudnn_tf32") and "matmul_tf32_flops" in run.get("ceilings", {}):
+        return "tf32"
+    return dtype
+
+
 def run_table(run: dict, results: list[dict]) -> list[str]:
     """Markdown lines: one row per case and provider, with the ratio to ``eager`` of the same run."""
     ceilings = run.get("ceilings", {})
@@ -60,7 +68,7 @@ def run_table(run: dict, results: list[dict]) -> list[str]:
     for r in results:
         median = r["median_s"]
         rate = r["flops"] / median
-        peak = ceilings.get(f"matmul_{r['dtype']}_flops")
+        peak = ceilings.get(f"matmul_{_peak_dtype(run, r['dtype'])}_flops")
         floor_flops = r["flops"] / peak if peak else None
         floor_bytes = r["min_bytes"] / bandwidth if bandwidth else None
         floors = [f for f in (floor_flops, floor_bytes) if f]
@@ -131,7 +139,10 @@ def write_report(results_path: Path, report_path: Path, plot: bool = True) -> No
                   f"- command: `{run['command']}` ({run['mode']} mode)",
                   f"- commit {run['commit']}, torch {run['torch']}, triton {run['triton']}, "
                   f"{run['cores']} cores, CPU {run['cpu']}",
-                  f"- measured ceilings: {ceiling_text}", ""]
+                  f"- measured ceilings: {ceiling_text}"
+                  + ("; float32 rows are read against the TF32 peak (cuDNN convolutions run in TF32 by "
+                     "default; float32 matrix products do not)" if _peak_dtype(run, "float32") == "tf32" else ""),
+                  ""]
         lines += run_table(run, mine)
         if plot and run is _latest_for(runs, results, run):
             image = report_path.parent / f"results-{_slug(run['machine'])}-{run['device']}.png"
