@@ -1,0 +1,463 @@
+"""Flash attention with CrossFuse's reversed softmax, forward and backward, as Triton kernels.
+
+Math, for one head of ``q, k, v`` ``[N, D]``, ``sign = -1`` when ``reverse`` (SPEC 2.2), else +1:
+
+    S = sign * scale * q k^T          P = softmax(S) (rows)          o = P v
+
+The forward runs the online softmax in fp32 over key blocks and saves, per query row, the
+log-sum-exp in base 2 of the scaled scores, ``lse = log2(sum_j 2^(S_j log2 e))``; the
+``N x N`` matrix never exists in memory. The backward recomputes ``P = 2^(S log2 e - lse)``:
+
+    delta = rowsum(dO * o)            dV = P^T dO              dP = dO v^T
+    dS = P * (dP - delta)             dQ = sign * scale * dS k     dK = sign * scale * dS^T q
+
+one kernel for dK/dV (a program per key block, looping over query blocks) and one for dQ (a
+program per query block), so no atomics and the result does not depend on scheduling.
+
+Every operand is addressed by its own strides ``[batch, head, token]`` (the feature stride must
+be 1), so the kernels read q, k and v straight out of the projection GEMMs' outputs and write o
+with the heads already merged, ``[B, N, H * D]``. Design limit: head_dim 16..128 (a power of
+two), any token count (tails masked), fp32 / fp16 / bf16 operands with fp32 accumulation;
+fp32 dots use ``input_precision="ieee"`` so the interpreter and a GPU agree.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+    heads, tokens, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_REVERSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    # Scores in base 2 with the sign folded in: exp2(s) == exp(sign * scale * q.k).
+    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
+    if IS_REVERSE:
+        qk_scale = -qk_scale
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < tokens
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, tokens, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < tokens
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(LSE + pid_bh * tokens + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    heads, tokens, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < tokens
+    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=mask_m[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * tokens + offs_m, tl.sum(o * do, 1), mask=mask_m)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    heads, tokens, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_REVERSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    signed_scale = tl.cast(scale, tl.float32)
+    if IS_REVERSE:
+        signed_scale = -signed_scale
+    qk_scale = signed_scale * 1.4426950408889634
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_n = offs_n < tokens
+    k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=mask_n[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_base = Q + batch * stride_qb + head * stride_qh
+    do_base = DO + batch * stride_dob + head * stride_doh
+    for start_m in range(0, tokens, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < tokens
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        lse = tl.load(LSE + pid_bh * tokens + rows, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + pid_bh * tokens + rows, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+    dk = dk * signed_scale
+    tl.store(DK + batch * stride_dkb + head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
+    tl.store(DV + batch * stride_dvb + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    heads, tokens, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_REVERSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    signed_scale = tl.cast(scale, tl.float32)
+    if IS_REVERSE:
+        signed_scale = -signed_scale
+    qk_scale = signed_scale * 1.4426950408889634
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < tokens
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)
+    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=mask_m[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * tokens + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + pid_bh * tokens + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    for start_n in range(0, tokens, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < tokens
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    dq = dq * signed_scale
+    tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+def _block_sizes(head_dim: int) -> tuple[int, int]:
+    """Deterministic tile sizes (no autotuning, so runs repeat): 64 x 64, 64 x 32 for wide heads."""
+    return 64, 64 if head_dim <= 64 else 32
+
+
+def _check(name: str, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit stride over head_dim")
+    head_dim = x.shape[-1]
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        raise ValueError(f"{name}: head_dim must be a power of two in 16..128, got {head_dim}")
+    if reference is not None and (x.shape != reference.shape or x.dtype != reference.dtype):
+        raise ValueError(f"{name} must match q in shape and dtype: {tuple(x.shape)} {x.dtype} vs "
+                         f"{tuple(reference.shape)} {reference.dtype}")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, reverse: bool,
+                  scale: float) -> torch.Tensor:
+    """Write ``softmax(sign * scale * q k^T) v`` into ``out``; return the base-2 LSE ``[B*H, N]``.
+
+    ``q, k, v, out``: ``[B, H, N, D]`` views with any batch/head/token strides.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        _check(name, x, None if name == "q" else q)
+    batch, heads, tokens, head_dim = q.shape
+    lse = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
+    block_m, block_n = _block_sizes(head_dim)
+    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        heads, tokens, scale, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        IS_REVERSE=reverse, INPUT_PRECISION=_precision(q.dtype))
+    return lse
+
+
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, reverse: bool,
+                  scale: float) -> None:
+    """Write the gradients of :func:`attention_fwd` into ``dq, dk, dv`` (``[B, H, N, D]`` views)."""
+    for name, x in (("grad_out", grad_out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        _check(name, x, q)
+    batch, heads, tokens, head_dim = q.shape
+    block_m, block_n = _block_sizes(head_dim)
+    delta = torch.empty_like(lse)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, tokens,
+        HEAD_DIM=head_dim, BLOCK_M=block_m)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_REVERSE=reverse,
+                  INPUT_PRECISION=_precision(q.dtype))
+    _attention_bwd_dkdv_kernel[(triton.cdiv(tokens, block_n), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        heads, tokens, scale, **common)
+    _attention_bwd_dq_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, *strides, *dq.stride()[:3], heads, tokens, scale, **common)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _split_heads(x: Tensor, parts: int, heads: int) -> list[Tensor]:
+    """Views ``[B, H, N, D]`` of the ``parts`` column blocks of a ``[B, N, parts * H * D]`` tensor."""
+    batch, tokens, columns = x.shape
+    head_dim = columns // (parts * heads)
+    return list(x.view(batch, tokens, parts, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+def _merged_view(out: Tensor, heads: int) -> Tensor:
+    """``[B, H, N, D]`` view of a merged-heads ``[B, N, H * D]`` tensor."""
+    batch, tokens, columns = out.shape
+    return out.view(batch, tokens, heads, columns // heads).transpose(1, 2)
+
+
+def _unit_last_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---- registered ops: the model's layouts, visible to torch.compile ----------------------------
+# Each forward op returns the output and the base-2 log-sum-exp the backward needs; its backward
+# is a second op. Heads are split and merged by strides inside the kernels, never by copies.
+
+@torch.library.custom_op("crossfuse::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+    batch, heads, tokens, head_dim = q.shape
+    out = torch.empty(batch, tokens, heads * head_dim, device=q.device, dtype=q.dtype)
+    lse = attention_fwd(q, k, v, _merged_view(out, heads), reverse=reverse, scale=scale)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, reverse, scale):
+    batch, heads, tokens, head_dim = q.shape
+    return (q.new_empty(batch, tokens, heads * head_dim),
+            q.new_empty(batch * heads, tokens, dtype=torch.float32))
+
+
+@torch.library.custom_op("crossfuse::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           reverse: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    heads = q.shape[1]
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    attention_bwd(_merged_view(grad_out, heads), q, k, v, _merged_view(out, heads), lse, dq, dk, dv,
+                  reverse=reverse, scale=scale)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, reverse, scale):
+    return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, ctx.reverse, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grads = torch.ops.crossfuse.attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.reverse,
+                                                    ctx.scale)
+    return *grads, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("crossfuse::self_attention", mutates_args=())
+def _self_attention_op(qkv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+    batch, tokens, columns = qkv.shape
+    q, k, v = _split_heads(qkv, 3, heads)
+    out = torch.empty(batch, tokens, columns // 3, device=qkv.device, dtype=qkv.dtype)
+    lse = attention_fwd(q, k, v, _merged_view(out, heads), reverse=reverse, scale=scale)
+    return out, lse
+
+
+@_self_attention_op.register_fake
+def _(qkv, heads, reverse, scale):
+    batch, tokens, columns = qkv.shape
+    return qkv.new_empty(batch, tokens, columns // 3), qkv.new_empty(batch * heads, tokens, dtype=torch.float32)
+
+
+@torch.library.custom_op("crossfuse::self_attention_backward", mutates_args=())
+def _self_attention_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int,
+                                reverse: bool, scale: float) -> Tensor:
+    grad_qkv = torch.empty_like(qkv)
+    attention_bwd(_merged_view(grad_out, heads), *_split_heads(qkv, 3, heads), _merged_view(out, heads), lse,
+                  *_split_heads(grad_qkv, 3, heads), reverse=reverse, scale=scale)
+    return grad_qkv
+
+
+@_self_attention_backward_op.register_fake
+def _(grad_out, qkv, out, lse, heads, reverse, scale):
+    return torch.empty_like(qkv)
+
+
+def _self_attention_setup(ctx, inputs, output):
+    qkv, ctx.heads, ctx.reverse, ctx.scale = inputs
+    ctx.save_for_backward(qkv, *output)
+
+
+def _self_attention_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    grad_qkv = torch.ops.crossfuse.self_attention_backward(grad_out.contiguous(), qkv, out, lse, ctx.heads,
+                                                           ctx.reverse, ctx.scale)
+    return grad_qkv, None, None, None
+
+
+_self_attention_op.register_autograd(_self_attention_backward, setup_context=_self_attention_setup)
+
+
+@torch.library.custom_op("crossfuse::cross_attention", mutates_args=())
+def _cross_attention_op(q: Tensor, kv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+    (q4,) = _split_heads(q, 1, heads)
+    k4, v4 = _split_heads(kv, 2, heads)
+    out = torch.empty_like(q)
+    lse = attention_fwd(q4, k4, v4, _merged_view(out, heads), reverse=reverse, scale=scale)
+    return out, lse
+
+
+@_cross_attention_op.register_fake
+def _(q, kv, heads, reverse, scale):
+    batch, tokens, _ = q.shape
+    return torch.empty_like(q), q.new_empty(batch * heads, tokens, dtype=torch.float32)
+
+
+@torch.library.custom_op("crossfuse::cross_attention_backward", mutates_args=())
+def _cross_attention_backward_op(grad_out: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, heads: int,
+                                 reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+    grad_q, grad_kv = torch.empty_like(q), torch.empty_like(kv)
+    attention_bwd(_merged_view(grad_out, heads), *_split_heads(q, 1, heads), *_split_heads(kv, 2, heads),
+                  _merged_view(out, heads), lse, *_split_heads(grad_q, 1, heads), *_split_heads(grad_kv, 2, heads),
+                  reverse=reverse, scale=scale)
+    return grad_q, grad_kv
+
+
+@_cross_attention_backward_op.register_fake
+def _(grad_out, q, kv, out, lse, heads, reverse, scale):
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+def _cross_attention_setup(ctx, inputs, output):
+    q, kv, ctx.heads, ctx.reverse, ctx.scale = inputs
+    ctx.save_for_backward(q, kv, *output)
+
+
+def _cross_attention_backward(ctx, grad_out, grad_lse):
+    q, kv, out, lse = ctx.saved_tensors
+    grad_q, grad_kv = torch.ops.crossfuse.cross_attention_backward(grad_out.contiguous(), q, kv, out, lse,
+                                                                   ctx.heads, ctx.reverse, ctx.scale)
+    return grad_q, grad_kv, None, None, None
+
+
+_cross_attention_op.register_autograd(_cross_attention_backward, setup_context=_cross_attention_setup)
+
+
+# ---- public functions (Triton) and their PyTorch twins with the same signatures --------------
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, reverse: bool, scale: float | None = None) -> Tensor:
+    """``softmax(sign * scale * q k^T) v`` on ``[B, H, N, D]``; ``reverse=True``: sign -1.
+
+    Returns ``[B, H, N, D]`` (a view of a merged-heads ``[B, N, H * D]`` buffer).
+    """
+    heads = q.shape[1]
+    q, k, v = (_unit_last_stride(x) for x in (q, k, v))
+    out, _ = _attention_op(q, k, v, reverse, default_scale(q.shape[-1]) if scale is None else scale)
+    return _merged_view(out, heads)
+
+
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, *, reverse: bool, scale: float | None = None) -> Tensor:
+    """PyTorch twin of :func:`attention`: the reversed softmax is SDPA on negated queries."""
+    return F.scaled_dot_product_attention(-q if reverse else q, k, v, scale=scale)
+
+
+def self_attention(qkv: Tensor, heads: int, *, reverse: bool = False, scale: float | None = None) -> Tensor:
+    """Attention of a packed ``[B, N, 3 C]`` projection (q | k | v, heads inside each) -> ``[B, N, C]``."""
+    qkv = qkv.contiguous()
+    head_dim = qkv.shape[-1] // (3 * heads)
+    return _self_attention_op(qkv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
+
+
+def self_attention_torch(qkv: Tensor, heads: int, *, reverse: bool = False, scale: float | None = None) -> Tensor:
+    q, k, v = _split_heads(qkv.contiguous(), 3, heads)
+    out = attention_torch(q, k, v, reverse=reverse, scale=scale)
+    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+
+
+def cross_attention(q: Tensor, kv: Tensor, heads: int, *, reverse: bool = True, scale: float | None = None) -> Tensor:
+    """Queries ``[B, N, C]`` against a packed ``[B, N, 2 C]`` key | value projection -> ``[B, N, C]``."""
+    q, kv = q.contiguous(), kv.contiguous()
+    head_dim = q.shape[-1] // heads
+    return _cross_attention_op(q, kv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
+
+
+def cross_attention_torch(q: Tensor, kv: Tensor, heads: int, *, reverse: bool = True,
+                          scale: float | None = None) -> Tensor:
+    (q4,) = _split_heads(q.contiguous(), 1, heads)
+    k4, v4 = _split_heads(kv.contiguous(), 2, heads)
+    out = attention_torch(q4, k4, v4, reverse=reverse, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
