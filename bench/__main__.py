@@ -27,7 +27,7 @@ from .report import append_rows, write_report
 from .timing import Timer, peak_memory
 
 HERE = Path(__file__).parent
-PROVIDERS = ("eager", "compile", "released", "sdpa")
+PROVIDERS = ("eager", "compile", "released", "sdpa", "fast-torch", "fast-triton", "triton")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16, float16")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated from {PROVIDERS}")
     parser.add_argument("--cases", default="", help="regular expression on case names")
-    parser.add_argument("--repeats", type=int, help="samples per provider (default: 3 quick, 5 full; GPU 20)")
+    parser.add_argument("--repeats", type=int, help="samples per provider (default: 3 on a CPU, 20 on a GPU)")
     parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
     parser.add_argument("--report", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the report")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
     quick = args.mode == "quick"
-    repeats = args.repeats or (20 if device.type == "cuda" else 3 if quick else 5)
+    repeats = args.repeats or (20 if device.type == "cuda" else 3)
     min_sample_s = 0.02 if device.type == "cuda" else 0.2
     input_sets = 4 if device.type == "cuda" else 1  # rotate inputs so a GPU's L2 does not hold them all
     _raise_recompile_limit()

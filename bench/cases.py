@@ -9,6 +9,9 @@ Providers (each added as it exists):
   one 32 x 32 window at a time in a Python loop, with the roll. Only where that differs from
   ``eager`` (fusion end to end, the cross encoder).
 - ``sdpa``: ``scaled_dot_product_attention`` on negated queries (attention alone).
+- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
+  twins or the Triton kernels (cross encoder; attention alone for ``triton``). Triton
+  providers exist on a GPU only.
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -22,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from crossfuse_fast import CrossFuse
+from crossfuse_fast import CrossFuse, kernels
+from crossfuse_fast.fast import FastCrossEncoder
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -110,6 +114,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
     model = model.eval().to(device, dtype)
     meta = CrossFuse().eval().to("meta", dtype)
     weights_bytes = parameter_bytes(model.ir_autoencoder.fea_encoder1) * 2 + parameter_bytes(model.fusion)
+    on_gpu = device.type == "cuda"
     cases: list[Case] = []
 
     def keep(candidates: dict[str, Callable]) -> dict[str, Callable]:
@@ -142,7 +147,10 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
             min_bytes=3 * tensor_bytes(shape) + parameter_bytes(encoder), make_inputs=make_windows,
             providers=keep({"eager": _inference(encoder), "compile": _inference(_compiled(encoder)),
                             "released": _inference(lambda ir, vis, encoder=encoder:
-                                                   released_style_cross_encoder(encoder, ir, vis))}),
+                                                   released_style_cross_encoder(encoder, ir, vis)),
+                            "fast-torch": _inference(FastCrossEncoder(encoder, "torch")),
+                            **({"fast-triton": _inference(FastCrossEncoder(encoder, "triton"))}
+                               if on_gpu else {})}),
             quick=windows == 6, layer_flops=count.grouped(2)))
 
         def make_qkv(seed: int, windows=windows) -> tuple:
@@ -156,7 +164,9 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
             providers=keep({
                 "eager": _inference(lambda q, k, v: attention_ref(q, k, v, reverse=True)),
                 "compile": _inference(_compiled(lambda q, k, v: attention_ref(q, k, v, reverse=True))),
-                "sdpa": _inference(lambda q, k, v: F.scaled_dot_product_attention(-q, k, v))}),
+                "sdpa": _inference(lambda q, k, v: F.scaled_dot_product_attention(-q, k, v)),
+                **({"triton": _inference(lambda q, k, v: kernels.attention(q, k, v, reverse=True))}
+                   if on_gpu else {})}),
             quick=windows == 6, notes="reversed softmax, 16 heads of 32, 256 tokens"))
 
     height, width = 480, 640
