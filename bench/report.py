@@ -49,10 +49,15 @@ def _seconds(value: float) -> str:
     return f"{value * 1e6:.1f} us"
 
 
-def _peak_dtype(run: dict, dtype: str) -> str:
-    """The matmul peak a row is read against: float32 work on a GPU whose convolutions run in
-    TF32 (PyTorch's default) against the TF32 peak, since the convolutions dominate the model."""
-    if dtype == "float32" and run.get("cudnn_tf32") and "matmul_tf32_flops" in run.get("ceilings", {}):
+CONVOLUTION_GROUPS = ("fuse end to end", "encoder", "fusion decoder", "training")
+
+
+def _peak_dtype(run: dict, dtype: str, group: str) -> str:
+    """The matmul peak a row is read against. On a GPU whose convolutions run in TF32
+    (PyTorch's default), float32 cases made mostly of convolutions are read against the TF32
+    peak; the transformer cases' float32 matrix products run in full fp32."""
+    if (dtype == "float32" and group in CONVOLUTION_GROUPS and run.get("cudnn_tf32")
+            and "matmul_tf32_flops" in run.get("ceilings", {})):
         return "tf32"
     return dtype
 
@@ -68,7 +73,7 @@ def run_table(run: dict, results: list[dict]) -> list[str]:
     for r in results:
         median = r["median_s"]
         rate = r["flops"] / median
-        peak = ceilings.get(f"matmul_{_peak_dtype(run, r['dtype'])}_flops")
+        peak = ceilings.get(f"matmul_{_peak_dtype(run, r['dtype'], r['group'])}_flops")
         floor_flops = r["flops"] / peak if peak else None
         floor_bytes = r["min_bytes"] / bandwidth if bandwidth else None
         floors = [f for f in (floor_flops, floor_bytes) if f]
@@ -140,8 +145,10 @@ def write_report(results_path: Path, report_path: Path, plot: bool = True) -> No
                   f"- commit {run['commit']}, torch {run['torch']}, triton {run['triton']}, "
                   f"{run['cores']} cores, CPU {run['cpu']}",
                   f"- measured ceilings: {ceiling_text}"
-                  + ("; float32 rows are read against the TF32 peak (cuDNN convolutions run in TF32 by "
-                     "default; float32 matrix products do not)" if _peak_dtype(run, "float32") == "tf32" else ""),
+                  + ("; float32 rows of the convolution-heavy cases (end to end, encoder, decoder, "
+                     "training) are read against the TF32 peak, since cuDNN convolutions run in TF32 by "
+                     "default; the transformer cases' float32 matrix products run in full fp32"
+                     if _peak_dtype(run, "float32", "encoder") == "tf32" else ""),
                   ""]
         lines += run_table(run, mine)
         if plot and run is _latest_for(runs, results, run):

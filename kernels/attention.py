@@ -23,12 +23,15 @@ fp32 dots use ``input_precision="ieee"`` so the interpreter and a GPU agree.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .dispatch import direct_call
 
 
 @triton.jit
@@ -195,8 +198,23 @@ def _attention_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of the forward kernel: query rows and key columns per tile, warps, stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
+    """Deterministic tiles (no autotuning, so runs repeat); ``bench/attention_tiles.py`` sweeps them."""
+    return Tiles(64, 64 if head_dim <= 64 else 32)
+
+
 def _block_sizes(head_dim: int) -> tuple[int, int]:
-    """Deterministic tile sizes (no autotuning, so runs repeat): 64 x 64, 64 x 32 for wide heads."""
+    """Backward tiles: 64 x 64, 64 x 32 for wide heads."""
     return 64, 64 if head_dim <= 64 else 32
 
 
@@ -218,21 +236,23 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, reverse: bool,
-                  scale: float) -> torch.Tensor:
+                  scale: float, tiles: Tiles | None = None) -> torch.Tensor:
     """Write ``softmax(sign * scale * q k^T) v`` into ``out``; return the base-2 LSE ``[B*H, N]``.
 
-    ``q, k, v, out``: ``[B, H, N, D]`` views with any batch/head/token strides.
+    ``q, k, v, out``: ``[B, H, N, D]`` views with any batch/head/token strides. ``tiles``
+    defaults to :func:`forward_tiles`.
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
         _check(name, x, None if name == "q" else q)
     batch, heads, tokens, head_dim = q.shape
+    tiles = tiles or forward_tiles(head_dim, q.dtype)
     lse = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
-    block_m, block_n = _block_sizes(head_dim)
-    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    grid = (triton.cdiv(tokens, tiles.block_m), batch * heads)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        heads, tokens, scale, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        IS_REVERSE=reverse, INPUT_PRECISION=_precision(q.dtype))
+        heads, tokens, scale, HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        IS_REVERSE=reverse, INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return lse
 
 
@@ -283,12 +303,14 @@ def _unit_last_stride(x: Tensor) -> Tensor:
 # Each forward op returns the output and the base-2 log-sum-exp the backward needs; its backward
 # is a second op. Heads are split and merged by strides inside the kernels, never by copies.
 
-@torch.library.custom_op("crossfuse::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
     batch, heads, tokens, head_dim = q.shape
     out = torch.empty(batch, tokens, heads * head_dim, device=q.device, dtype=q.dtype)
     lse = attention_fwd(q, k, v, _merged_view(out, heads), reverse=reverse, scale=scale)
     return out, lse
+
+
+_attention_op = torch.library.custom_op("crossfuse::attention", _attention_impl, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -328,13 +350,16 @@ def _attention_backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-@torch.library.custom_op("crossfuse::self_attention", mutates_args=())
-def _self_attention_op(qkv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _self_attention_impl(qkv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
     batch, tokens, columns = qkv.shape
     q, k, v = _split_heads(qkv, 3, heads)
     out = torch.empty(batch, tokens, columns // 3, device=qkv.device, dtype=qkv.dtype)
     lse = attention_fwd(q, k, v, _merged_view(out, heads), reverse=reverse, scale=scale)
     return out, lse
+
+
+_self_attention_op = torch.library.custom_op("crossfuse::self_attention", _self_attention_impl,
+                                             mutates_args=())
 
 
 @_self_attention_op.register_fake
@@ -372,13 +397,17 @@ def _self_attention_backward(ctx, grad_out, grad_lse):
 _self_attention_op.register_autograd(_self_attention_backward, setup_context=_self_attention_setup)
 
 
-@torch.library.custom_op("crossfuse::cross_attention", mutates_args=())
-def _cross_attention_op(q: Tensor, kv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _cross_attention_impl(q: Tensor, kv: Tensor, heads: int, reverse: bool,
+                          scale: float) -> tuple[Tensor, Tensor]:
     (q4,) = _split_heads(q, 1, heads)
     k4, v4 = _split_heads(kv, 2, heads)
     out = torch.empty_like(q)
     lse = attention_fwd(q4, k4, v4, _merged_view(out, heads), reverse=reverse, scale=scale)
     return out, lse
+
+
+_cross_attention_op = torch.library.custom_op("crossfuse::cross_attention", _cross_attention_impl,
+                                              mutates_args=())
 
 
 @_cross_attention_op.register_fake
@@ -426,7 +455,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, reverse: bool, scale: float | 
     """
     heads = q.shape[1]
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-    out, _ = _attention_op(q, k, v, reverse, default_scale(q.shape[-1]) if scale is None else scale)
+    op = _attention_impl if direct_call(q, k, v) else _attention_op
+    out, _ = op(q, k, v, reverse, default_scale(q.shape[-1]) if scale is None else scale)
     return _merged_view(out, heads)
 
 
@@ -439,7 +469,8 @@ def self_attention(qkv: Tensor, heads: int, *, reverse: bool = False, scale: flo
     """Attention of a packed ``[B, N, 3 C]`` projection (q | k | v, heads inside each) -> ``[B, N, C]``."""
     qkv = qkv.contiguous()
     head_dim = qkv.shape[-1] // (3 * heads)
-    return _self_attention_op(qkv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
+    op = _self_attention_impl if direct_call(qkv) else _self_attention_op
+    return op(qkv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
 
 
 def self_attention_torch(qkv: Tensor, heads: int, *, reverse: bool = False, scale: float | None = None) -> Tensor:
@@ -452,7 +483,8 @@ def cross_attention(q: Tensor, kv: Tensor, heads: int, *, reverse: bool = True, 
     """Queries ``[B, N, C]`` against a packed ``[B, N, 2 C]`` key | value projection -> ``[B, N, C]``."""
     q, kv = q.contiguous(), kv.contiguous()
     head_dim = q.shape[-1] // heads
-    return _cross_attention_op(q, kv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
+    op = _cross_attention_impl if direct_call(q, kv) else _cross_attention_op
+    return op(q, kv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
 
 
 def cross_attention_torch(q: Tensor, kv: Tensor, heads: int, *, reverse: bool = True,

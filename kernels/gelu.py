@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import direct_call
+
 BLOCK = 1024
 
 
@@ -55,9 +57,11 @@ def bias_gelu_bwd(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tens
     return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
 
 
-@torch.library.custom_op("crossfuse::bias_gelu", mutates_args=())
-def _bias_gelu_op(x: Tensor, bias: Tensor) -> Tensor:
+def _bias_gelu_impl(x: Tensor, bias: Tensor) -> Tensor:
     return bias_gelu_fwd(x, bias)
+
+
+_bias_gelu_op = torch.library.custom_op("crossfuse::bias_gelu", _bias_gelu_impl, mutates_args=())
 
 
 @_bias_gelu_op.register_fake
@@ -89,7 +93,7 @@ _bias_gelu_op.register_autograd(_backward, setup_context=_setup)
 
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
     """``gelu(x + bias)`` (exact erf GELU), ``bias`` over the last dimension (Triton)."""
-    return _bias_gelu_op(x, bias)
+    return (_bias_gelu_impl if direct_call(x, bias) else _bias_gelu_op)(x, bias)
 
 
 def bias_gelu_torch(x: Tensor, bias: Tensor) -> Tensor:

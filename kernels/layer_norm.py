@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .dispatch import direct_call
+
 ROWS_PER_PROGRAM = 16
 
 
@@ -118,10 +120,12 @@ def layer_norm_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Ten
 
 # ---- registered ops ----------------------------------------------------------------------------
 
-@torch.library.custom_op("crossfuse::layer_norm", mutates_args=())
-def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _layer_norm_impl(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     y, _, mean, rstd = layer_norm_fwd(x, None, weight, bias, eps)
     return y, mean, rstd
+
+
+_layer_norm_op = torch.library.custom_op("crossfuse::layer_norm", _layer_norm_impl, mutates_args=())
 
 
 @_layer_norm_op.register_fake
@@ -130,10 +134,13 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("crossfuse::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+def _add_layer_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
                        eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return layer_norm_fwd(x, residual, weight, bias, eps)
+
+
+_add_layer_norm_op = torch.library.custom_op("crossfuse::add_layer_norm", _add_layer_norm_impl,
+                                             mutates_args=())
 
 
 @_add_layer_norm_op.register_fake
@@ -188,7 +195,8 @@ _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_ad
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``nn.LayerNorm`` over the last dimension of ``x`` (Triton)."""
-    return _layer_norm_op(x, weight, bias, eps)[0]
+    op = _layer_norm_impl if direct_call(x, weight, bias) else _layer_norm_op
+    return op(x, weight, bias, eps)[0]
 
 
 def layer_norm_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -197,7 +205,8 @@ def layer_norm_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Ten
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(LayerNorm(x + residual), x + residual)`` in one pass (Triton)."""
-    y, s, _, _ = _add_layer_norm_op(x, residual, weight, bias, eps)
+    op = _add_layer_norm_impl if direct_call(x, residual, weight, bias) else _add_layer_norm_op
+    y, s, _, _ = op(x, residual, weight, bias, eps)
     return y, s
 
 

@@ -114,6 +114,8 @@ def test_packed_self_and_cross_attention_against_twins(poisoned_allocations, tok
         doubled = [x.detach().double().requires_grad_() for x in inputs]
         got = triton_fn(*inputs, heads, **options)
         want = torch_fn(*doubled, heads, **options)
+        with torch.no_grad():  # inference calls the implementation without the op's dispatch
+            assert torch.equal(triton_fn(*inputs, heads, **options), got)
         assert got.shape == want.shape == (3, tokens, channels)
         assert relative_error(got, want) < TOLERANCE[torch.float32]
         grad = torch.randn_like(got)
@@ -143,6 +145,9 @@ def test_layer_norms_and_bias_gelu(poisoned_allocations, op, rows, cols, dtype):
     doubled = [t.detach().double().requires_grad_() for t in inputs]
     triton_fn, torch_fn = ELEMENTWISE_OPS[op]
     got, want, low = triton_fn(*inputs), torch_fn(*doubled), torch_fn(*inputs)
+    with torch.no_grad():
+        for direct, through_op in zip(triton_fn(*inputs), got):
+            assert torch.equal(direct, through_op)
     for g, w, lp in zip(got, want, low):
         assert relative_error(g, w) <= 2 * relative_error(lp, w) + TOLERANCE[dtype]
     upstream = [torch.randn(rows, cols, device=DEVICE).to(dtype) for _ in got]
