@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from crossfuse_fast.fast import FastCrossEncoder
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
+from crossfuse_fast.synthetic import randomize_batch_norms
 
 from .flops import ADAM_PARAMETER_TRANSFERS, count_forward, parameter_bytes, tensor_bytes
 
@@ -48,17 +49,6 @@ class Case:
     providers: dict[str, Callable[..., object]]
     quick: bool = False
     notes: str = ""
-    layer_flops: dict[str, int] = field(default_factory=dict)
-
-
-def _randomise_batch_norms(module: torch.nn.Module, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.BatchNorm2d):
-                n = layer.num_features
-                layer.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                layer.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
 def _images(batch: int, height: int, width: int, device, dtype) -> Callable[[int], tuple]:
@@ -109,9 +99,7 @@ def _inference(fn: Callable) -> Callable:
 def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) -> list[Case]:
     """Every case of the harness, for the given device, dtype and providers."""
     torch.manual_seed(0)
-    model = CrossFuse()
-    _randomise_batch_norms(model)
-    model = model.eval().to(device, dtype)
+    model = randomize_batch_norms(CrossFuse()).eval().to(device, dtype)
     meta = CrossFuse().eval().to("meta", dtype)
     weights_bytes = parameter_bytes(model.ir_autoencoder.fea_encoder1) * 2 + parameter_bytes(model.fusion)
     on_gpu = device.type == "cuda"
@@ -131,7 +119,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 min_bytes=3 * tensor_bytes(shapes[0]) + weights_bytes, make_inputs=make,
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
                                 "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis))}),
-                quick=batch == 1 and height <= 480, notes=f"{windows} windows", layer_flops=count.grouped(2)))
+                quick=batch == 1 and height <= 480, notes=f"{windows} windows"))
 
     for windows in (6, 48, 384):
         def make_windows(seed: int, windows=windows) -> tuple:
@@ -151,7 +139,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                             "fast-torch": _inference(FastCrossEncoder(encoder, "torch")),
                             **({"fast-triton": _inference(FastCrossEncoder(encoder, "triton"))}
                                if on_gpu else {})}),
-            quick=windows == 6, layer_flops=count.grouped(2)))
+            quick=windows == 6))
 
         def make_qkv(seed: int, windows=windows) -> tuple:
             generator = torch.Generator().manual_seed(seed)
@@ -178,7 +166,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         min_bytes=tensor_bytes(image) * (1 + 32 + 128 / 64) + parameter_bytes(encoder.fea_encoder1),
         make_inputs=lambda seed: _images(1, height, width, device, dtype)(seed)[:1],
         providers=keep({"eager": _inference(encoder.encode), "compile": _inference(_compiled(encoder.encode))}),
-        quick=True, layer_flops=count.grouped(3)))
+        quick=True))
 
     def make_decoder_inputs(seed: int) -> tuple:
         generator = torch.Generator().manual_seed(seed)
@@ -193,7 +181,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         min_bytes=tensor_bytes(*shapes) + tensor_bytes(image) + parameter_bytes(decoder),
         make_inputs=make_decoder_inputs,
         providers=keep({"eager": _inference(decoder), "compile": _inference(_compiled(decoder))}),
-        quick=True, layer_flops=count.grouped(2), notes="box filters run as dense convs"))
+        quick=True, notes="box filters run as dense convs"))
 
     cases.extend(_training_cases(device, dtype, keep))
     return cases

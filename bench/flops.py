@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from crossfuse_fast.model import CrossFuse
 from crossfuse_fast.reference.transformer import CrossAttention, SelfAttention
 
 ADAM_PARAMETER_TRANSFERS = 7
@@ -67,13 +68,6 @@ class Count:
     def total(self) -> int:
         return sum(self.by_layer.values())
 
-    def grouped(self, depth: int = 2) -> dict[str, int]:
-        """FLOPs summed over the first ``depth`` components of the layer names."""
-        groups: dict[str, int] = defaultdict(int)
-        for name, flops in self.by_layer.items():
-            groups[".".join(name.split(".")[:depth])] += flops
-        return dict(groups)
-
 
 def count_forward(module: nn.Module, run: Callable[[], object]) -> Count:
     """FLOPs of ``run()`` (which calls ``module``), counted with hooks on its layers."""
@@ -109,3 +103,29 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
 
 def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def breakdown_table(height: int = 480, width: int = 640) -> list[str]:
+    """Markdown table of one pair's forward FLOPs by layer group (SPEC 4's sketch, counted)."""
+    model = CrossFuse().to("meta").eval()
+    image = torch.empty(1, 1, height, width, device="meta")
+    count = count_forward(model, lambda: model(image, image))
+
+    def group(name: str) -> str:
+        if ".weight.conv_" in name:
+            return "fusion decoder: fixed box filters (dense convs, removable by algebra)"
+        parts = name.split(".")
+        if parts[1] == "fea_encoder1":
+            return f"{parts[0]}: " + (" ".join(parts[2:4]) if parts[2] == "dense_blocks" else parts[2])
+        if parts[1] == "cross_atten_block":
+            return f"cross encoder: {parts[2]}"
+        return f"fusion decoder: {parts[2] if parts[1] == 'decoder_fusion' else parts[1]}"
+
+    totals: dict[str, int] = defaultdict(int)
+    for name, flops in count.by_layer.items():
+        totals[group(name)] += flops
+    lines = [f"| layer group ({height} x {width}, batch 1) | GFLOP |", "|---|---|"]
+    lines += [f"| {name} | {flops / 1e9:.2f} |" for name, flops in totals.items()]
+    lines.append(f"| total | {count.total / 1e9:.2f} |")
+    lines.append(f"| (softmax element operations, not in the total) | {count.elementwise / 1e9:.3f} |")
+    return lines

@@ -1,8 +1,9 @@
 """The results file (JSON lines) and the report generated from it (RESULTS.md and plots).
 
-Each run appends one ``{"kind": "run", ...}`` row (machine, versions, commit, date, command,
-measured ceilings) and one ``{"kind": "result", ...}`` row per case and provider, tied by
-``run_id``. The report groups rows by run, newest first, so every ratio in a table compares
+Each run appends one ``{"kind": "result", ...}`` row per case and provider as it goes and, at
+its end, one ``{"kind": "run", ...}`` row (machine, versions, commit, date, command, measured
+ceilings), tied by ``run_id``; results of a run that did not finish have no run row and are
+left out of the report. The report groups rows by run, newest first, so every ratio in a table compares
 providers measured in the same run.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
+from .flops import breakdown_table
 
 RESULT_FIELDS = ("run_id", "case", "group", "provider", "dtype", "median_s", "p10_s", "p90_s", "samples",
                  "inner", "first_call_s", "flops", "min_bytes", "peak_memory_bytes")
@@ -109,7 +112,8 @@ def plot_run(run: dict, results: list[dict], path: Path) -> None:
     axis.invert_yaxis()
     axis.set_xscale("log")
     axis.set_xlabel("median time per call (s, log scale)")
-    axis.set_title(f"{run['machine']} ({run['device']}), {run['date'][:10]}, {run['mode']} mode", fontsize=9)
+    axis.set_title(f"{run['machine']} ({run['device']}), newest run of each case up to {run['date'][:10]}",
+                   fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -153,10 +157,25 @@ def write_report(results_path: Path, report_path: Path, plot: bool = True) -> No
         lines += run_table(run, mine)
         if plot and run is _latest_for(runs, results, run):
             image = report_path.parent / f"results-{_slug(run['machine'])}-{run['device']}.png"
-            plot_run(run, mine, image)
-            lines += ["", f"![time per provider and case]({image.name})"]
+            plot_run(run, _newest_per_measurement(runs, results, run), image)
+            lines += ["", f"![time per provider and case, newest measurement of each on this machine]({image.name})"]
         lines.append("")
-    report_path.write_text("\n".join(lines), encoding="utf-8")
+    lines += ["## How the FLOPs are counted", "",
+              "One multiply-add is 2 FLOPs; convolutions, linear layers and the attention products "
+              "are counted from the shapes the reference runs (hooks on the `meta` device), as "
+              "`bench/flops.py` documents; a training step counts 3x the forward of the trained "
+              "layers. One pair, by layer group:", ""]
+    lines += breakdown_table()
+    report_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _newest_per_measurement(runs: list[dict], results: list[dict], run: dict) -> list[dict]:
+    """For a machine's plot: the newest row of each (case, provider, dtype) over its runs."""
+    dates = {r["run_id"]: r["date"] for r in runs if r["machine"] == run["machine"] and r["device"] == run["device"]}
+    newest: dict[tuple, dict] = {}
+    for row in sorted((r for r in results if r["run_id"] in dates), key=lambda r: dates[r["run_id"]]):
+        newest[(row["case"], row["provider"], row["dtype"])] = row
+    return list(newest.values())
 
 
 def _latest_for(runs: list[dict], results: list[dict], run: dict) -> dict:

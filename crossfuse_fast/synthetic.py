@@ -71,3 +71,18 @@ def synthetic_batch(batch: int, height: int = 256, width: int = 256, seed: int =
     ir = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None].astype(np.float32))
     vis = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None].astype(np.float32))
     return ir.to(device), vis.to(device)
+
+
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm of ``model`` random running statistics and affine terms, like trained
+    ones (a fresh BatchNorm in eval mode is the identity, which would hide mistakes and skip work)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model

@@ -11,29 +11,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from crossfuse_fast import CrossFuse
+from crossfuse_fast.synthetic import randomize_batch_norms
 
 DATA = Path(__file__).parent / "data"
-
-
-def random_bn_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine terms, as trained ones have."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model
 
 
 @pytest.fixture(scope="session")
 def model() -> CrossFuse:
     """A CrossFuse with seeded random weights, in eval mode."""
     torch.manual_seed(1234)
-    return random_bn_statistics(CrossFuse()).eval()
+    return randomize_batch_norms(CrossFuse()).eval()
 
 
 @pytest.fixture

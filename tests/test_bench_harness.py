@@ -89,7 +89,7 @@ def test_report_tables_ratios_floors_and_plot(tmp_path):
     plots = list(tmp_path.glob("results-*.png"))
     assert [p.name for p in plots] == ["results-test-cpu-x2-cpu.png"]
     assert plots[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert text.count("![time per provider and case]") == 1
+    assert text.count("![time per provider and case") == 1
 
 
 def test_measure_case_interleaves_and_records_every_field():
