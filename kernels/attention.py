@@ -219,7 +219,7 @@ def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     return Tiles(64, 64 if head_dim <= 64 else 32)
 
 
-def _block_sizes(head_dim: int) -> tuple[int, int]:
+def _backward_block_sizes(head_dim: int) -> tuple[int, int]:
     """Backward tiles: 64 x 64, 64 x 32 for wide heads."""
     return 64, 64 if head_dim <= 64 else 32
 
@@ -269,7 +269,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     for name, x in (("grad_out", grad_out), ("dq", dq), ("dk", dk), ("dv", dv)):
         _check(name, x, q)
     batch, heads, tokens, head_dim = q.shape
-    block_m, block_n = _block_sizes(head_dim)
+    block_m, block_n = _backward_block_sizes(head_dim)
     delta = torch.empty_like(lse)
     _attention_bwd_preprocess_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, tokens,
