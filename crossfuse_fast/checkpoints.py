@@ -48,7 +48,6 @@ def read_tensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged pickle can fail with almost any exception type
-
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"{path}: not a readable checkpoint (expected {what}): "
                               f"{type(error).__name__}: {first_line}") from error

@@ -35,6 +35,35 @@ from .dispatch import direct_call
 
 
 @triton.jit
+def _signed_scale(scale, IS_REVERSE: tl.constexpr):
+    """The softmax scale with the reversal's sign, pinned to fp32 (Inductor may pass fp64)."""
+    signed = tl.cast(scale, tl.float32)
+    if IS_REVERSE:
+        signed = -signed
+    return signed
+
+
+@triton.jit
+def _load_rows(base, rows, stride, offs_d, mask):
+    """A ``[len(rows), HEAD_DIM]`` tile of one head, zero past the last token."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, stride, offs_d, mask, value):
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty), mask=mask[:, None])
+
+
+@triton.jit
+def _recompute_tile(q, k, v, do, lse, delta, mask_m, mask_n, qk_scale, INPUT_PRECISION: tl.constexpr):
+    """``P = 2^(S log2 e - lse)`` and ``dS = P * (dO v^T - delta)`` of one query x key tile."""
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+    p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -48,15 +77,12 @@ def _attention_fwd_kernel(
     batch = pid_bh // heads
     head = pid_bh % heads
     # Scores in base 2 with the sign folded in: exp2(s) == exp(sign * scale * q.k).
-    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634
-    if IS_REVERSE:
-        qk_scale = -qk_scale
+    qk_scale = _signed_scale(scale, IS_REVERSE) * 1.4426950408889634
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < tokens
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
+    q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m)
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -65,8 +91,8 @@ def _attention_fwd_kernel(
     for start_n in range(0, tokens, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < tokens
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        k = _load_rows(k_base, cols, stride_kn, offs_d, mask_n)
+        v = _load_rows(v_base, cols, stride_vn, offs_d, mask_n)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -75,9 +101,7 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=mask_m[:, None])
+    _store_rows(O + batch * stride_ob + head * stride_oh, offs_m, stride_on, offs_d, mask_m, acc / l_i[:, None])
     tl.store(LSE + pid_bh * tokens + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -93,10 +117,8 @@ def _attention_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < tokens
-    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=mask_m[:, None], other=0.0).to(tl.float32)
+    o = _load_rows(O + batch * stride_ob + head * stride_oh, offs_m, stride_on, offs_d, mask_m).to(tl.float32)
+    do = _load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_don, offs_d, mask_m).to(tl.float32)
     tl.store(DELTA + pid_bh * tokens + offs_m, tl.sum(o * do, 1), mask=mask_m)
 
 
@@ -114,18 +136,14 @@ def _attention_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     batch = pid_bh // heads
     head = pid_bh % heads
-    signed_scale = tl.cast(scale, tl.float32)
-    if IS_REVERSE:
-        signed_scale = -signed_scale
+    signed_scale = _signed_scale(scale, IS_REVERSE)
     qk_scale = signed_scale * 1.4426950408889634
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_n = offs_n < tokens
-    k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
+    k = _load_rows(K + batch * stride_kb + head * stride_kh, offs_n, stride_kn, offs_d, mask_n)
+    v = _load_rows(V + batch * stride_vb + head * stride_vh, offs_n, stride_vn, offs_d, mask_n)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     q_base = Q + batch * stride_qb + head * stride_qh
@@ -133,22 +151,15 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(0, tokens, BLOCK_M):
         rows = start_m + offs_m
         mask_m = rows < tokens
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        q = _load_rows(q_base, rows, stride_qn, offs_d, mask_m)
+        do = _load_rows(do_base, rows, stride_don, offs_d, mask_m)
         lse = tl.load(LSE + pid_bh * tokens + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + pid_bh * tokens + rows, mask=mask_m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        p, ds = _recompute_tile(q, k, v, do, lse, delta, mask_m, mask_n, qk_scale, INPUT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
-    dk = dk * signed_scale
-    tl.store(DK + batch * stride_dkb + head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(DV + batch * stride_dvb + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
+    _store_rows(DK + batch * stride_dkb + head * stride_dkh, offs_n, stride_dkn, offs_d, mask_n, dk * signed_scale)
+    _store_rows(DV + batch * stride_dvb + head * stride_dvh, offs_n, stride_dvn, offs_d, mask_n, dv)
 
 
 @triton.jit
@@ -165,18 +176,14 @@ def _attention_bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     batch = pid_bh // heads
     head = pid_bh % heads
-    signed_scale = tl.cast(scale, tl.float32)
-    if IS_REVERSE:
-        signed_scale = -signed_scale
+    signed_scale = _signed_scale(scale, IS_REVERSE)
     qk_scale = signed_scale * 1.4426950408889634
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < tokens
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
-    do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=mask_m[:, None], other=0.0)
+    q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m)
+    do = _load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_don, offs_d, mask_m)
     lse = tl.load(LSE + pid_bh * tokens + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + pid_bh * tokens + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -185,17 +192,11 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, tokens, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < tokens
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        k = _load_rows(k_base, cols, stride_kn, offs_d, mask_n)
+        v = _load_rows(v_base, cols, stride_vn, offs_d, mask_n)
+        _, ds = _recompute_tile(q, k, v, do, lse, delta, mask_m, mask_n, qk_scale, INPUT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
-    dq = dq * signed_scale
-    tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+    _store_rows(DQ + batch * stride_dqb + head * stride_dqh, offs_m, stride_dqn, offs_d, mask_m, dq * signed_scale)
 
 
 @dataclass(frozen=True)

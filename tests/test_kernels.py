@@ -7,7 +7,6 @@ must stay within twice PyTorch's own error in that dtype, plus a floor from the 
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from crossfuse_fast import kernels
 from crossfuse_fast.fast import OPS, FastCrossEncoder, cross_module, self_module
