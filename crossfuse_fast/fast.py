@@ -5,6 +5,9 @@ run, and train, the very same parameters) and computes the same function with:
 
 - tokens kept in the patched layout from the first block to the last (the roll of SPEC 2.3
   only permutes tokens, so it is dropped: the same function up to rounding);
+- no window or patch copies (SPEC 2.1): the first LayerNorm reads its tokens out of the
+  feature maps by address, and the last one, fused with the sum of the two cross modules,
+  writes the output map by address;
 - attention reading q, k, v straight from the projection GEMMs (``qkv`` for self blocks; ``q``
   and one merged ``k | v`` GEMM for the cross blocks, whose ``k_linear`` and ``v_linear`` read
   the same normalised input) and writing the heads merged;
@@ -23,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .reference.functional import patchify, unpatchify
-from .reference.transformer import CrossEncoder, CrossModule, SelfModule
+from .reference.functional import PATCH, WINDOW
+from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
 
 BACKENDS = ("torch", "triton")
+DEEP_CHANNELS = EMBED_DIM // (PATCH * PATCH)
+"""Channels of the deep maps whose 2 x 2 patches are the encoder's tokens."""
 
 
 @dataclass(frozen=True)
@@ -38,14 +43,27 @@ class Ops:
     bias_gelu: Callable
     self_attention: Callable
     cross_attention: Callable
+    layer_norm_from_map: Callable
+    add_layer_norm_to_map: Callable
 
 
 OPS = {
     "torch": Ops(kernels.layer_norm_torch, kernels.add_layer_norm_torch, kernels.bias_gelu_torch,
-                 kernels.self_attention_torch, kernels.cross_attention_torch),
+                 kernels.self_attention_torch, kernels.cross_attention_torch, kernels.layer_norm_from_map_torch,
+                 kernels.add_layer_norm_to_map_torch),
     "triton": Ops(kernels.layer_norm, kernels.add_layer_norm, kernels.bias_gelu, kernels.self_attention,
-                  kernels.cross_attention),
+                  kernels.cross_attention, kernels.layer_norm_from_map, kernels.add_layer_norm_to_map),
 }
+
+
+@dataclass(frozen=True)
+class MapOutput:
+    """Where the last cross module writes: its sum with ``plus`` as a ``height x width`` map of windows."""
+
+    plus: Tensor
+    height: int
+    width: int
+    window: tuple[int, int]
 
 
 def _norm(ops: Ops, norm: nn.LayerNorm, x: Tensor) -> Tensor:
@@ -61,21 +79,30 @@ def _mlp(ops: Ops, mlp: nn.Module, x: Tensor) -> Tensor:
     return F.linear(ops.bias_gelu(F.linear(x, mlp.fc1.weight), mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
 
 
-def self_module(ops: Ops, module: SelfModule, x: Tensor) -> Tensor:
-    """A reference ``SelfModule`` on tokens ``[W, N, C]`` (its unused ``norm`` stays unused)."""
+def self_module(ops: Ops, module: SelfModule, x: Tensor, normed: Tensor | None = None) -> Tensor:
+    """A reference ``SelfModule`` on tokens ``[W, N, C]`` (its unused ``norm`` stays unused).
+
+    ``normed``, when given, is the first block's ``norm1(x)``, already computed.
+    """
     for block in module.blocks:
         attn = block.attn
-        qkv = F.linear(_norm(ops, block.norm1, x), attn.qkv.weight, attn.qkv.bias)
+        if normed is None:
+            normed = _norm(ops, block.norm1, x)
+        qkv = F.linear(normed, attn.qkv.weight, attn.qkv.bias)
         mixed = F.linear(ops.self_attention(qkv, attn.heads, reverse=False), attn.proj.weight, attn.proj.bias)
         normed, x = _add_norm(ops, block.norm2, x, mixed)
         x = x + _mlp(ops, block.mlp, normed)
+        normed = None
     return x
 
 
-def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor) -> Tensor:
-    """A reference ``CrossModule`` on tokens: queries from ``xa``, keys, values and residual from ``xb``."""
+def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: MapOutput | None = None) -> Tensor:
+    """A reference ``CrossModule`` on tokens: queries from ``xa``, keys, values and residual from ``xb``.
+
+    With ``to_map``, returns ``to_map.plus`` + the module's output, as the map the tokens were cut from.
+    """
     first, second, third = xa, xb, xb
-    for block in module.blocks:
+    for index, block in enumerate(module.blocks):
         attn = block.attn
         n0 = _norm(ops, block.norm1, first)
         n1 = _norm(ops, block.norm1, second)
@@ -89,13 +116,17 @@ def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor) -> Tenso
                             F.linear(n2, attn.v_linear.weight, attn.v_linear.bias)], dim=-1)
         mixed = F.linear(ops.cross_attention(q, kv, attn.heads, reverse=True), attn.proj.weight, attn.proj.bias)
         normed, y = _add_norm(ops, block.norm2, third, mixed)
+        if to_map is not None and index == len(module.blocks) - 1:
+            norm = module.norm
+            return ops.add_layer_norm_to_map(y, _mlp(ops, block.mlp, normed), to_map.plus, norm.weight, norm.bias,
+                                             norm.eps, to_map.height, to_map.width, to_map.window)
         third, y = _add_norm(ops, module.norm, y, _mlp(ops, block.mlp, normed))
         first, second = n0, y
     return third
 
 
 class FastCrossEncoder(nn.Module):
-    """Same function as ``reference`` (a :class:`CrossEncoder`) on windows ``[W, 128, 32, 32]``."""
+    """Same function as ``reference`` (a :class:`CrossEncoder`), on windows or on whole deep maps."""
 
     def __init__(self, reference: CrossEncoder, backend: str = "torch"):
         super().__init__()
@@ -105,14 +136,43 @@ class FastCrossEncoder(nn.Module):
         self.backend = backend
 
     def forward(self, ir: Tensor, vis: Tensor, shift: bool = True) -> Tensor:
-        """``shift`` is accepted for the reference's signature; the roll is a token permutation."""
-        ops = OPS[self.backend]
+        """The reference's call: each ``[128, H, W]`` entry of ``ir`` and ``vis`` is one window.
+
+        ``shift`` is accepted for the reference's signature; the roll is a token permutation.
+        """
+        _check_pair(ir, vis)
         height, width = ir.shape[-2:]
+        if height % PATCH or width % PATCH:
+            raise ValueError(f"window sides must be multiples of {PATCH}, got {height} x {width}")
+        return self._run(ir, vis, (height, width))
+
+    def fuse_deep(self, ir_deep: Tensor, vis_deep: Tensor) -> Tensor:
+        """``FusionNet.fuse_deep`` (SPEC 2.1): deep maps ``[B, 128, h, w]`` of any size, each cut into
+        reflection-padded 32 x 32 windows, encoded, put back and cropped, all by the end kernels' addressing."""
+        _check_pair(ir_deep, vis_deep)
+        return self._run(ir_deep, vis_deep, (WINDOW, WINDOW))
+
+    def _run(self, ir: Tensor, vis: Tensor, window: tuple[int, int]) -> Tensor:
+        ops = OPS[self.backend]
         encoder = self.reference
-        t_ir, t_vis = patchify(ir), patchify(vis)
-        for stage in (encoder.self_atten_block1, encoder.self_atten_block2):
-            t_ir = self_module(ops, stage.self_atten1, t_ir)
-            t_vis = self_module(ops, stage.self_atten2, t_vis)
+        first, second = encoder.self_atten_block1, encoder.self_atten_block2
+        t_ir = _self_module_from_map(ops, first.self_atten1, ir, window)
+        t_vis = _self_module_from_map(ops, first.self_atten2, vis, window)
+        t_ir = self_module(ops, second.self_atten1, t_ir)
+        t_vis = self_module(ops, second.self_atten2, t_vis)
         cross = encoder.cross_atten_block
-        fused = cross_module(ops, cross.cross_atten1, t_ir, t_vis) + cross_module(ops, cross.cross_atten2, t_vis, t_ir)
-        return unpatchify(fused, height, width)
+        fused_ir = cross_module(ops, cross.cross_atten1, t_ir, t_vis)
+        return cross_module(ops, cross.cross_atten2, t_vis, t_ir, MapOutput(fused_ir, *ir.shape[-2:], window))
+
+
+def _self_module_from_map(ops: Ops, module: SelfModule, x: Tensor, window: tuple[int, int]) -> Tensor:
+    norm = module.blocks[0].norm1
+    normed, tokens = ops.layer_norm_from_map(x, norm.weight, norm.bias, norm.eps, window)
+    return self_module(ops, module, tokens, normed)
+
+
+def _check_pair(ir: Tensor, vis: Tensor) -> None:
+    if ir.dim() != 4 or ir.shape[1] != DEEP_CHANNELS:
+        raise ValueError(f"expected deep features [batch, {DEEP_CHANNELS}, height, width], got shape {tuple(ir.shape)}")
+    if vis.shape != ir.shape:
+        raise ValueError(f"infrared and visible features differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")

@@ -11,6 +11,12 @@ saved. Backward, with ``s_hat = (s - mean) * rstd`` and ``g = w * dy``:
 stream), and ``ds`` is the gradient of both ``x`` and ``residual``. Each backward program
 handles a run of rows and writes partial ``dw, db`` sums, added up afterwards, so the result
 does not depend on scheduling. Design limit: rows of up to 8192 features (one block per row).
+
+The cross encoder's two ends are variants of the same kernels (:mod:`.windows`): its first
+LayerNorm reads its tokens straight out of the feature map, cut into windows and patches by
+address, and also writes them (they are the block's residual); its last adds the other cross
+module's output (``plus``) and writes the sum as the map. Their backwards write the map's
+gradient by address (folding the reflection padding back) and read it by address.
 """
 from __future__ import annotations
 
@@ -20,37 +26,60 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference.functional import PATCH
 from .dispatch import direct_call
+from .windows import (DUMMY_GEOMETRY, WindowGrid, fold_reflection_padding, map_to_tokens, tokens_to_map,
+                      window_token_offsets)
 
 ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
 def _layer_norm_fwd_kernel(
-    X, RES, W, B, Y, S, MEAN, RSTD, rows, cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps,
+    map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
+    windows_per_image,
+    X_FROM_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr, HAS_PLUS: tl.constexpr,
+    Y_TO_MAP: tl.constexpr, PATCH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < cols
-    s = tl.load(X + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
+    token_offs = row * cols + offs
+    map_offs, inside = window_token_offsets(
+        row, offs, map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width,
+        windows_per_row, windows_per_image, MIRROR=X_FROM_MAP, PATCH=PATCH)
+    if X_FROM_MAP:
+        s = tl.load(X + map_offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(X + token_offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        s += tl.load(RES + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(S + row * cols + offs, s.to(S.dtype.element_ty), mask=mask)
+        s += tl.load(RES + token_offs, mask=mask, other=0.0).to(tl.float32)
+    if STORE_S:
+        tl.store(S + token_offs, s.to(S.dtype.element_ty), mask=mask)
     mean = tl.sum(s, 0) / cols
     centred = tl.where(mask, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / cols + tl.cast(eps, tl.float32))
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * cols + offs, (centred * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+    y = centred * rstd * w + b
+    if HAS_PLUS:
+        y += tl.load(PLUS + token_offs, mask=mask, other=0.0).to(tl.float32)
+    if Y_TO_MAP:
+        tl.store(Y + map_offs, y.to(Y.dtype.element_ty), mask=mask & inside)
+    else:
+        tl.store(Y + token_offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DW_PARTIAL, DB_PARTIAL, rows, cols,
-    HAS_DS_EXTRA: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DY_TOKENS, DW_PARTIAL, DB_PARTIAL, rows, cols,
+    map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
+    windows_per_image,
+    DY_FROM_MAP: tl.constexpr, STORE_DY_TOKENS: tl.constexpr, HAS_DS_EXTRA: tl.constexpr,
+    DS_TO_MAP: tl.constexpr, PATCH: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
@@ -61,16 +90,30 @@ def _layer_norm_bwd_kernel(
     for index in range(ROWS_PER_PROGRAM):
         row = pid * ROWS_PER_PROGRAM + index
         if row < rows:
-            dy = tl.load(DY + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.load(S + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
+            token_offs = row * cols + offs
+            # Never mirrored: the gradient map is read where the forward wrote (the padding,
+            # cropped away, has none) or written into a padded buffer (every pixel once).
+            map_offs, inside = window_token_offsets(
+                row, offs, map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width,
+                windows_per_row, windows_per_image, MIRROR=False, PATCH=PATCH)
+            if DY_FROM_MAP:
+                dy = tl.load(DY + map_offs, mask=mask & inside, other=0.0).to(tl.float32)
+            else:
+                dy = tl.load(DY + token_offs, mask=mask, other=0.0).to(tl.float32)
+            if STORE_DY_TOKENS:
+                tl.store(DY_TOKENS + token_offs, dy.to(DY_TOKENS.dtype.element_ty), mask=mask)
+            s = tl.load(S + token_offs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(MEAN + row)
             rstd = tl.load(RSTD + row)
             s_hat = tl.where(mask, (s - mean) * rstd, 0.0)
             g = w * dy
             ds = rstd * (g - tl.sum(g, 0) / cols - s_hat * (tl.sum(g * s_hat, 0) / cols))
             if HAS_DS_EXTRA:
-                ds += tl.load(DS_EXTRA + row * cols + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DS + row * cols + offs, ds.to(DS.dtype.element_ty), mask=mask)
+                ds += tl.load(DS_EXTRA + token_offs, mask=mask, other=0.0).to(tl.float32)
+            if DS_TO_MAP:
+                tl.store(DS + map_offs, ds.to(DS.dtype.element_ty), mask=mask)
+            else:
+                tl.store(DS + token_offs, ds.to(DS.dtype.element_ty), mask=mask)
             dw += dy * s_hat
             db += dy
     tl.store(DW_PARTIAL + pid * cols + offs, dw, mask=mask)
@@ -81,6 +124,42 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _launch_fwd(x: Tensor, residual: Tensor | None, plus: Tensor | None, weight: Tensor, bias: Tensor,
+                y: Tensor, s: Tensor | None, rows: int, cols: int, eps: float, geometry: tuple[int, ...],
+                x_from_map: bool = False, y_to_map: bool = False) -> tuple[Tensor, Tensor]:
+    """One program per row; unused pointers alias ``y`` (their loads and stores are compiled out)."""
+    mean = torch.empty(rows, device=y.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=y.device, dtype=torch.float32)
+    if rows:
+        _layer_norm_fwd_kernel[(rows,)](
+            x, residual if residual is not None else y, plus if plus is not None else y, weight, bias, y,
+            s if s is not None else y, mean, rstd, cols, eps, *geometry,
+            X_FROM_MAP=x_from_map, HAS_RESIDUAL=residual is not None, STORE_S=s is not None,
+            HAS_PLUS=plus is not None, Y_TO_MAP=y_to_map, PATCH=PATCH, BLOCK_N=triton.next_power_of_2(cols))
+    return mean, rstd
+
+
+def _launch_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                ds: Tensor, grad_y_tokens: Tensor | None, geometry: tuple[int, ...],
+                dy_from_map: bool = False, ds_to_map: bool = False) -> tuple[Tensor, Tensor]:
+    """``ds`` (and ``grad_y_tokens``) written; returns ``(dw, db)`` summed over the programs' partials."""
+    rows, cols = s.numel() // s.shape[-1], s.shape[-1]
+    programs = max(1, triton.cdiv(rows, ROWS_PER_PROGRAM))
+    dw_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
+    db_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
+    if rows:
+        _layer_norm_bwd_kernel[(programs,)](
+            grad_y, grad_s if grad_s is not None else s, s, weight, mean, rstd, ds,
+            grad_y_tokens if grad_y_tokens is not None else s, dw_partial, db_partial, rows, cols, *geometry,
+            DY_FROM_MAP=dy_from_map, STORE_DY_TOKENS=grad_y_tokens is not None, HAS_DS_EXTRA=grad_s is not None,
+            DS_TO_MAP=ds_to_map, PATCH=PATCH, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+            BLOCK_N=triton.next_power_of_2(cols))
+    else:
+        dw_partial.zero_()
+        db_partial.zero_()
+    return dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
 def layer_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor,
                    eps: float) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(y, s, mean, rstd)`` for ``x`` (and ``residual``) of shape ``[..., N]``; ``s`` is None without residual."""
@@ -88,13 +167,8 @@ def layer_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
     rows, cols = x2.shape
     y = torch.empty_like(x2)
     s = torch.empty_like(x2) if residual is not None else None
-    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-    if rows:
-        _layer_norm_fwd_kernel[(rows,)](
-            x2, _rows(residual.contiguous()) if residual is not None else x2, weight, bias, y,
-            s if s is not None else y, mean, rstd, rows, cols, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_N=triton.next_power_of_2(cols))
+    mean, rstd = _launch_fwd(x2, _rows(residual.contiguous()) if residual is not None else None, None, weight,
+                             bias, y, s, rows, cols, eps, DUMMY_GEOMETRY)
     return y.view(x.shape), s.view(x.shape) if s is not None else None, mean, rstd
 
 
@@ -102,20 +176,63 @@ def layer_norm_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Ten
                    rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(ds, dw, db)``: the gradient of the normalised input (and of ``x`` and ``residual``)."""
     s2 = _rows(s.contiguous())
-    rows, cols = s2.shape
-    programs = max(1, triton.cdiv(rows, ROWS_PER_PROGRAM))
     ds = torch.empty_like(s2)
-    dw_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
-    db_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
-    if rows:
-        _layer_norm_bwd_kernel[(programs,)](
-            _rows(grad_y.contiguous()), _rows(grad_s.contiguous()) if grad_s is not None else s2, s2, weight,
-            mean, rstd, ds, dw_partial, db_partial, rows, cols, HAS_DS_EXTRA=grad_s is not None,
-            ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_N=triton.next_power_of_2(cols))
-    else:
-        dw_partial.zero_()
-        db_partial.zero_()
-    return ds.view(s.shape), dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+    dw, db = _launch_bwd(_rows(grad_y.contiguous()), _rows(grad_s.contiguous()) if grad_s is not None else None,
+                         s2, weight, mean, rstd, ds, None, DUMMY_GEOMETRY)
+    return ds.view(s.shape), dw, db
+
+
+def layer_norm_from_map_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                            window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(LayerNorm(tokens), tokens, mean, rstd)`` where ``tokens`` are the map ``x`` cut into windows
+    of patches (:mod:`.windows`), read by address from ``x`` in any strides."""
+    grid = WindowGrid.of(x.shape, window)
+    tokens = x.new_empty(grid.token_shape)
+    normed = torch.empty_like(tokens)
+    rows, _, cols = tokens.shape
+    rows *= tokens.shape[1]
+    mean, rstd = _launch_fwd(x, None, None, weight, bias, normed, tokens, rows, cols, eps, grid.kernel_args(x),
+                             x_from_map=True)
+    return normed, tokens, mean, rstd
+
+
+def layer_norm_from_map_bwd(grad_normed: Tensor, grad_tokens: Tensor | None, tokens: Tensor, weight: Tensor,
+                            mean: Tensor, rstd: Tensor, height: int, width: int,
+                            window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, dw, db)``; ``grad_x`` is the map's gradient, ``[B, C, height, width]``."""
+    grid = WindowGrid.of_tokens(tokens, height, width, window)
+    padded = tokens.new_empty(grid.padded_shape)
+    dw, db = _launch_bwd(grad_normed.contiguous(), grad_tokens.contiguous() if grad_tokens is not None else None,
+                         tokens, weight, mean, rstd, padded, None, grid.kernel_args(padded), ds_to_map=True)
+    return fold_reflection_padding(padded, height, width), dw, db
+
+
+def add_layer_norm_to_map_fwd(x: Tensor, residual: Tensor, plus: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                              height: int, width: int,
+                              window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(map, s, mean, rstd)``: ``s = x + residual`` and ``LayerNorm(s) + plus`` written straight into
+    a ``[B, C, height, width]`` map (windows put back, padding cropped)."""
+    grid = WindowGrid.of_tokens(x, height, width, window)
+    x, residual, plus = x.contiguous(), residual.contiguous(), plus.contiguous()
+    y = x.new_empty(grid.batch, grid.channels, height, width)
+    s = torch.empty_like(x)
+    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    mean, rstd = _launch_fwd(x, residual, plus, weight, bias, y, s, rows, cols, eps, grid.kernel_args(y),
+                             y_to_map=True)
+    return y, s, mean, rstd
+
+
+def add_layer_norm_to_map_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor, mean: Tensor,
+                              rstd: Tensor, window: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ds, grad_plus, dw, db)`` from the map's gradient ``grad_y`` (any strides): ``ds`` is the
+    gradient of ``x`` and ``residual``, ``grad_plus`` is ``grad_y`` as tokens (zero in the padding)."""
+    height, width = grad_y.shape[-2:]
+    grid = WindowGrid.of_tokens(s, height, width, window)
+    ds = torch.empty_like(s)
+    grad_plus = torch.empty_like(s)
+    dw, db = _launch_bwd(grad_y, grad_s.contiguous() if grad_s is not None else None, s, weight, mean, rstd, ds,
+                         grad_plus, grid.kernel_args(grad_y), dy_from_map=True)
+    return ds, grad_plus, dw, db
 
 
 # ---- registered ops ----------------------------------------------------------------------------
@@ -191,6 +308,109 @@ def _add_layer_norm_backward(ctx, grad_y, grad_s, grad_mean, grad_rstd):
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
 
 
+def _layer_norm_from_map_impl(x: Tensor, weight: Tensor, bias: Tensor, eps: float, window_height: int,
+                              window_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return layer_norm_from_map_fwd(x, weight, bias, eps, (window_height, window_width))
+
+
+_layer_norm_from_map_op = torch.library.custom_op("crossfuse::layer_norm_from_map", _layer_norm_from_map_impl,
+                                                  mutates_args=())
+
+
+@_layer_norm_from_map_op.register_fake
+def _(x, weight, bias, eps, window_height, window_width):
+    windows, tokens, features = WindowGrid.of(x.shape, (window_height, window_width)).token_shape
+    rows = windows * tokens
+    return (x.new_empty(windows, tokens, features), x.new_empty(windows, tokens, features),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("crossfuse::layer_norm_from_map_backward", mutates_args=())
+def _layer_norm_from_map_backward_op(grad_normed: Tensor, grad_tokens: Tensor | None, tokens: Tensor,
+                                     weight: Tensor, mean: Tensor, rstd: Tensor, height: int, width: int,
+                                     window_height: int, window_width: int) -> tuple[Tensor, Tensor, Tensor]:
+    return layer_norm_from_map_bwd(grad_normed, grad_tokens, tokens, weight, mean, rstd, height, width,
+                                   (window_height, window_width))
+
+
+@_layer_norm_from_map_backward_op.register_fake
+def _(grad_normed, grad_tokens, tokens, weight, mean, rstd, height, width, window_height, window_width):
+    grid = WindowGrid.of_tokens(tokens, height, width, (window_height, window_width))
+    return (tokens.new_empty(grid.batch, grid.channels, height, width), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _layer_norm_from_map_setup(ctx, inputs, output):
+    x, weight, _, _, window_height, window_width = inputs
+    _, tokens, mean, rstd = output
+    ctx.map_size = (x.shape[2], x.shape[3], window_height, window_width)
+    ctx.save_for_backward(tokens, weight, mean, rstd)
+
+
+def _layer_norm_from_map_backward(ctx, grad_normed, grad_tokens, grad_mean, grad_rstd):
+    tokens, weight, mean, rstd = ctx.saved_tensors
+    if grad_normed is None:
+        grad_normed = torch.zeros_like(tokens)
+    dx, dw, db = torch.ops.crossfuse.layer_norm_from_map_backward(grad_normed, grad_tokens, tokens, weight, mean,
+                                                                 rstd, *ctx.map_size)
+    return dx, dw, db, None, None, None
+
+
+_layer_norm_from_map_op.register_autograd(_layer_norm_from_map_backward, setup_context=_layer_norm_from_map_setup)
+
+
+def _add_layer_norm_to_map_impl(x: Tensor, residual: Tensor, plus: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                                height: int, width: int, window_height: int,
+                                window_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return add_layer_norm_to_map_fwd(x, residual, plus, weight, bias, eps, height, width,
+                                     (window_height, window_width))
+
+
+_add_layer_norm_to_map_op = torch.library.custom_op("crossfuse::add_layer_norm_to_map",
+                                                    _add_layer_norm_to_map_impl, mutates_args=())
+
+
+@_add_layer_norm_to_map_op.register_fake
+def _(x, residual, plus, weight, bias, eps, height, width, window_height, window_width):
+    grid = WindowGrid.of_tokens(x, height, width, (window_height, window_width))
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(grid.batch, grid.channels, height, width), torch.empty_like(x),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("crossfuse::add_layer_norm_to_map_backward", mutates_args=())
+def _add_layer_norm_to_map_backward_op(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor,
+                                       mean: Tensor, rstd: Tensor, window_height: int,
+                                       window_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return add_layer_norm_to_map_bwd(grad_y, grad_s, s, weight, mean, rstd, (window_height, window_width))
+
+
+@_add_layer_norm_to_map_backward_op.register_fake
+def _(grad_y, grad_s, s, weight, mean, rstd, window_height, window_width):
+    return torch.empty_like(s), torch.empty_like(s), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _add_layer_norm_to_map_setup(ctx, inputs, output):
+    weight, window = inputs[3], inputs[8:10]
+    y, s, mean, rstd = output
+    ctx.window = window
+    ctx.map_shape = y.shape
+    ctx.save_for_backward(s, weight, mean, rstd)
+
+
+def _add_layer_norm_to_map_backward(ctx, grad_y, grad_s, grad_mean, grad_rstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = s.new_zeros(ctx.map_shape)
+    ds, grad_plus, dw, db = torch.ops.crossfuse.add_layer_norm_to_map_backward(grad_y, grad_s, s, weight, mean,
+                                                                              rstd, *ctx.window)
+    return ds, ds, grad_plus, dw, db, None, None, None, None, None
+
+
+_add_layer_norm_to_map_op.register_autograd(_add_layer_norm_to_map_backward,
+                                            setup_context=_add_layer_norm_to_map_setup)
+
+
 # ---- public functions and their PyTorch twins ----------------------------------------------------
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -214,3 +434,32 @@ def add_layer_norm_torch(x: Tensor, residual: Tensor, weight: Tensor, bias: Tens
                          eps: float) -> tuple[Tensor, Tensor]:
     s = x + residual
     return F.layer_norm(s, s.shape[-1:], weight, bias, eps), s
+
+
+def layer_norm_from_map(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                        window: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``(LayerNorm(tokens), tokens)`` of the map ``x`` ``[B, C, H, W]`` cut into ``window`` -sized
+    windows of 2 x 2 patches (SPEC 2.1), read by address from ``x`` (Triton)."""
+    op = _layer_norm_from_map_impl if direct_call(x, weight, bias) else _layer_norm_from_map_op
+    normed, tokens, _, _ = op(x, weight, bias, eps, *window)
+    return normed, tokens
+
+
+def layer_norm_from_map_torch(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                              window: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    tokens = map_to_tokens(x, window)
+    return F.layer_norm(tokens, tokens.shape[-1:], weight, bias, eps), tokens
+
+
+def add_layer_norm_to_map(x: Tensor, residual: Tensor, plus: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                          height: int, width: int, window: tuple[int, int]) -> Tensor:
+    """``LayerNorm(x + residual) + plus`` on tokens, written as the ``[B, C, height, width]`` map
+    they were cut from: windows put back, patches undone, padding cropped (Triton)."""
+    op = _add_layer_norm_to_map_impl if direct_call(x, residual, plus, weight, bias) else _add_layer_norm_to_map_op
+    return op(x, residual, plus, weight, bias, eps, height, width, *window)[0]
+
+
+def add_layer_norm_to_map_torch(x: Tensor, residual: Tensor, plus: Tensor, weight: Tensor, bias: Tensor,
+                                eps: float, height: int, width: int, window: tuple[int, int]) -> Tensor:
+    s = x + residual
+    return tokens_to_map(F.layer_norm(s, s.shape[-1:], weight, bias, eps) + plus, height, width, window)

@@ -11,7 +11,10 @@ import torch
 from crossfuse_fast import kernels
 from crossfuse_fast.fast import OPS, FastCrossEncoder, cross_module, self_module
 from crossfuse_fast.kernels.attention import attention_bwd, attention_fwd, default_scale
+from crossfuse_fast.kernels.windows import WindowGrid, map_to_tokens, tokens_to_map
 from crossfuse_fast.reference import attention_ref
+from crossfuse_fast.reference.functional import from_windows, patchify, to_windows, unpatchify
+from crossfuse_fast.reference.fusion import FusionNet
 from crossfuse_fast.reference.transformer import CrossEncoder, CrossModule, SelfModule
 
 # Largest allowed |kernel - fp64 reference| / max|reference|, per dtype.
@@ -161,6 +164,71 @@ def test_layer_norms_and_bias_gelu(poisoned_allocations, op, rows, cols, dtype):
             assert relative_error(g, w) <= 2 * relative_error(lp, w) + 5 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("height,width", [(32, 32), (40, 70), (5, 70), (1, 1), (64, 33)])
+def test_window_twins_are_the_reference_windows_and_patches(height, width):
+    """``map_to_tokens`` / ``tokens_to_map`` are SPEC 2.1's pad, windows and patches (the kernels'
+    addressing is checked against them below), including pads longer than the map."""
+    x = torch.randn(2, 3, height, width)
+    tokens = map_to_tokens(x, (32, 32))
+    assert torch.equal(tokens, patchify(to_windows(x)))
+    assert tokens.shape == WindowGrid.of(x.shape, (32, 32)).token_shape
+    assert torch.equal(tokens_to_map(tokens, height, width, (32, 32)),
+                       from_windows(unpatchify(tokens, 32, 32), 2, height, width))
+
+
+# (map shape, window): exact windows, a crop, pads longer than the side (repeated mirroring),
+# one-pixel sides, a non-square window.
+MAP_CASES = [((1, 4, 6, 4), (6, 4)), ((2, 3, 5, 7), (4, 4)), ((1, 2, 3, 2), (8, 2)), ((1, 2, 1, 3), (2, 4))]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,window", MAP_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_layer_norms_at_the_map_ends(poisoned_allocations, shape, window, channels_last):
+    """The encoder's first LayerNorm (reading windows of patches by address) and last (adding the
+    other module's output and writing the map by address): outputs and every gradient against fp64
+    twins. Poisoned buffers catch a missed pixel; the padded windows must crop and fold back."""
+    torch.manual_seed(sum(shape) + sum(window))
+    height, width = shape[-2:]
+    features = shape[1] * 4
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=DEVICE).to(memory_format=memory_format).requires_grad_()
+    token_shape = WindowGrid.of(shape, window).token_shape
+    residual, plus = (torch.randn(token_shape, device=DEVICE, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(features, device=DEVICE, requires_grad=True) for _ in range(2))
+    inputs = (x, residual, plus, weight, bias)
+    doubled = [t.detach().double().requires_grad_() for t in inputs]
+
+    def first_and_last(layer_norm_from_map, add_layer_norm_to_map, x, residual, plus, weight, bias):
+        normed, tokens = layer_norm_from_map(x, weight, bias, 1e-6, window)
+        out = add_layer_norm_to_map(normed, residual, plus, weight, bias, 1e-6, height, width, window)
+        return normed, tokens, out
+
+    got = first_and_last(kernels.layer_norm_from_map, kernels.add_layer_norm_to_map, *inputs)
+    want = first_and_last(kernels.layer_norm_from_map_torch, kernels.add_layer_norm_to_map_torch, *doubled)
+    with torch.no_grad():
+        direct = first_and_last(kernels.layer_norm_from_map, kernels.add_layer_norm_to_map, *inputs)
+    for name, g, w, d in zip(("normed", "tokens", "map"), got, want, direct):
+        assert g.shape == w.shape, name
+        assert torch.equal(d, g), name
+        assert relative_error(g, w) < TOLERANCE[torch.float32], name
+    upstream = [torch.randn(w.shape, device=DEVICE) for w in want]
+    have = torch.autograd.grad(sum((g * u).sum() for g, u in zip(got, upstream)), inputs)
+    expected = torch.autograd.grad(sum((w * u.double()).sum() for w, u in zip(want, upstream)), doubled)
+    for name, h, w in zip(("x", "residual", "plus", "weight", "bias"), have, expected):
+        assert relative_error(h, w) < 5 * TOLERANCE[torch.float32], name
+
+
+def test_map_ops_name_a_bad_geometry():
+    weight = torch.ones(8)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        kernels.layer_norm_from_map(torch.randn(1, 2, 4, 4), weight, weight, 1e-6, (3, 4))
+    with pytest.raises(ValueError, match="feature map"):
+        kernels.layer_norm_from_map(torch.randn(2, 4, 4), weight, weight, 1e-6, (4, 4))
+    tokens = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="do not cut a 8 x 4 map"):
+        kernels.add_layer_norm_to_map(tokens, tokens, tokens, weight, weight, 1e-6, 8, 4, (4, 4))
+
+
 def _small_inputs():
     torch.manual_seed(11)
     return (torch.randn(2, 5, 16, device=DEVICE, requires_grad=True),
@@ -172,6 +240,7 @@ def _small_inputs():
 def test_opcheck_every_registered_op():
     x, qkv, kv, weight = _small_inputs()
     q4 = torch.randn(2, 2, 5, 16, device=DEVICE, requires_grad=True)
+    tokens = [torch.randn(2, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3)]  # a 7 x 3 map's
     cases = [
         (torch.ops.crossfuse.attention, (q4, q4.detach().clone().requires_grad_(),
                                          q4.detach().clone().requires_grad_(), True, 0.25)),
@@ -181,22 +250,26 @@ def test_opcheck_every_registered_op():
         (torch.ops.crossfuse.add_layer_norm, (x, x.detach().clone().requires_grad_(), weight,
                                               weight.detach().clone().requires_grad_(), 1e-6)),
         (torch.ops.crossfuse.bias_gelu, (x, weight)),
+        (torch.ops.crossfuse.layer_norm_from_map, (torch.randn(1, 4, 5, 3, device=DEVICE, requires_grad=True),
+                                                   weight, weight.detach().clone().requires_grad_(), 1e-6, 4, 4)),
+        (torch.ops.crossfuse.add_layer_norm_to_map, (*tokens, weight, weight.detach().clone().requires_grad_(),
+                                                     1e-6, 7, 3, 4, 4)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
 def test_compile_fullgraph_matches_eager():
+    """The whole fast encoder on maps (every registered op, both map ends) under one graph."""
     torch.manual_seed(5)
-    self_mod, cross_mod = SelfModule().to(DEVICE), CrossModule().to(DEVICE)
-    xa, xb = torch.randn(2, 1, 9, 512, device=DEVICE).unbind(0)
+    fast = FastCrossEncoder(CrossEncoder().to(DEVICE), "triton")
+    ir, vis = (torch.randn(1, 128, 3, 5, device=DEVICE) for _ in range(2))
 
-    def block(xa, xb):
-        ops = OPS["triton"]
-        return cross_module(ops, cross_mod, self_module(ops, self_mod, xa), xb)
+    def encode(ir, vis):
+        return fast._run(ir, vis, (4, 4))
 
-    compiled = torch.compile(block, fullgraph=True)
-    torch.testing.assert_close(compiled(xa, xb), block(xa, xb), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(encode, fullgraph=True)
+    torch.testing.assert_close(compiled(ir, vis), encode(ir, vis), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,window", [("torch", (32, 32)), ("triton", (10, 6))])
@@ -220,3 +293,34 @@ def test_fast_cross_encoder_equals_reference(backend, window):
         assert (h is None) == (w is None), name
         if w is not None:
             assert (h - w).abs().max().item() / scale < 2e-5, name
+
+
+def test_fast_fuse_deep_equals_fusion_net_windows():
+    """Whole deep maps (SPEC 2.1: padded 32 x 32 windows, put back, cropped) through the fast encoder's
+    map ends against ``FusionNet.fuse_deep``, forward and input gradients (PyTorch twins; the Triton
+    ends equal the twins by the map-end test above)."""
+    torch.manual_seed(17)
+    net = FusionNet().to(DEVICE)
+    fast = FastCrossEncoder(net.cross_atten_block, "torch")
+    ir, vis = (torch.randn(1, 128, 33, 20, device=DEVICE, requires_grad=True) for _ in range(2))
+    expected = net.fuse_deep(ir, vis)
+    got = fast.fuse_deep(ir, vis)
+    assert got.shape == expected.shape == (1, 128, 33, 20)
+    assert relative_error(got, expected) < 2e-6
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (ir, vis), grad)
+    have = torch.autograd.grad(got, (ir, vis), grad)
+    for name, h, w in zip(("ir", "vis"), have, want):
+        assert relative_error(h, w) < 2e-5, name
+
+
+def test_fast_encoder_names_bad_input():
+    fast = FastCrossEncoder(CrossEncoder())
+    with pytest.raises(ValueError, match=r"deep features \[batch, 128"):
+        fast(torch.randn(1, 64, 32, 32), torch.randn(1, 64, 32, 32))
+    with pytest.raises(ValueError, match="differ in shape"):
+        fast.fuse_deep(torch.randn(1, 128, 32, 32), torch.randn(1, 128, 32, 30))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        fast(torch.randn(1, 128, 5, 4), torch.randn(1, 128, 5, 4))
+    with pytest.raises(ValueError, match="unknown backend"):
+        FastCrossEncoder(CrossEncoder(), "cuda")
