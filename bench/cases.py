@@ -10,8 +10,8 @@ Providers (each added as it exists):
   ``eager`` (fusion end to end, the cross encoder).
 - ``sdpa``: ``scaled_dot_product_attention`` on negated queries (attention alone).
 - ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
-  twins or the Triton kernels (cross encoder; attention alone for ``triton``). Triton
-  providers exist on a GPU only.
+  twins or the Triton kernels (cross encoder, on windows, on whole deep maps and in training;
+  attention alone for ``triton``). Triton providers exist on a GPU only.
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -141,6 +141,9 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                                if on_gpu else {})}),
             quick=windows == 6))
 
+        if windows == 6:
+            cases.append(_deep_maps_case(model, meta, device, dtype, keep, on_gpu))
+
         def make_qkv(seed: int, windows=windows) -> tuple:
             generator = torch.Generator().manual_seed(seed)
             qkv = torch.randn(3, windows, HEADS, TOKENS, HEAD_DIM, generator=generator)
@@ -184,7 +187,62 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         quick=True, notes="box filters run as dense convs"))
 
     cases.extend(_training_cases(device, dtype, keep))
+    cases.append(_cross_encoder_training_case(model.fusion.cross_atten_block, meta, device, dtype, keep, on_gpu))
     return cases
+
+
+def _deep_maps_case(model: CrossFuse, meta: CrossFuse, device: torch.device, dtype: torch.dtype, keep: Callable,
+                    on_gpu: bool) -> Case:
+    """``fuse_deep`` on a 480 x 640 image's deep maps (60 x 80: six windows, padded): the windows,
+    patches and padding as copies (reference) or as the fast path's addressing."""
+    height, width = 480 // 8, 640 // 8
+
+    def make(seed: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(2, 1, 128, height, width, generator=generator).to(device, dtype).unbind(0))
+    fusion, encoder = model.fusion, model.fusion.cross_atten_block
+    shape = torch.empty(1, 128, height, width, device="meta", dtype=dtype)
+    count = count_forward(meta.fusion, lambda: meta.fusion.fuse_deep(shape, shape))
+    return Case(
+        name="deep maps 480x640 b1", group="cross encoder", flops=count.total,
+        min_bytes=3 * tensor_bytes(shape) + parameter_bytes(encoder), make_inputs=make,
+        providers=keep({"eager": _inference(fusion.fuse_deep), "compile": _inference(_compiled(fusion.fuse_deep)),
+                        "released": _inference(lambda ir, vis: released_style_cross_encoder(encoder, ir, vis)),
+                        "fast-torch": _inference(FastCrossEncoder(encoder, "torch").fuse_deep),
+                        **({"fast-triton": _inference(FastCrossEncoder(encoder, "triton").fuse_deep)}
+                           if on_gpu else {})}),
+        quick=True, notes="6 windows, cut and put back")
+
+
+def _cross_encoder_training_case(encoder: torch.nn.Module, meta: CrossFuse, device: torch.device,
+                                 dtype: torch.dtype, keep: Callable, on_gpu: bool) -> Case:
+    """Forward and backward of the cross encoder on stage 2's windows (8 crops of 256 x 256: 8 windows).
+
+    The deep maps come from frozen encoders, so only the parameters get gradients.
+    """
+    windows = 8
+
+    def make(seed: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(2, windows, 128, WINDOW, WINDOW, generator=generator).to(device, dtype).unbind(0))
+
+    def step(forward: Callable) -> Callable:
+        def run(ir, vis):
+            encoder.zero_grad(set_to_none=True)
+            forward(ir, vis).sum().backward()
+        return run
+
+    meta_encoder = meta.fusion.cross_atten_block
+    shape = torch.empty(windows, 128, WINDOW, WINDOW, device="meta", dtype=dtype)
+    count = count_forward(meta_encoder, lambda: meta_encoder(shape, shape, shift=False))
+    return Case(
+        name="train cross encoder w8", group="cross encoder training", flops=3 * count.total,
+        min_bytes=2 * tensor_bytes(shape) + 3 * parameter_bytes(encoder), make_inputs=make,
+        providers=keep({"eager": step(lambda ir, vis: encoder(ir, vis, shift=False)),
+                        "compile": step(_compiled(lambda ir, vis: encoder(ir, vis, shift=False))),
+                        "fast-torch": step(FastCrossEncoder(encoder, "torch")),
+                        **({"fast-triton": step(FastCrossEncoder(encoder, "triton"))} if on_gpu else {})}),
+        quick=False, notes="forward + backward to the parameters; FLOPs 3 x forward")
 
 
 def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) -> list[Case]:
