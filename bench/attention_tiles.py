@@ -1,42 +1,85 @@
-"""Sweep the attention forward kernel's tiles on a GPU, against SDPA on negated queries.
+"""Sweep the attention kernels' tiles on a GPU, against SDPA on negated queries.
 
-``python -m bench.attention_tiles`` prints one line per (dtype, windows, tiles) with the median
-time (``triton.testing.do_bench``) and the ratio to SDPA, to choose ``forward_tiles``. Not a
-results file: the harness (``python -m bench``) records the numbers that count.
+``python -m bench.attention_tiles`` prints, per (dtype, windows), the four fastest forward
+tiles (``triton.testing.do_bench`` median) with their ratio to SDPA's forward, then the
+backward block sizes against SDPA's backward, to choose ``forward_tiles`` and
+``_backward_block_sizes``. Not a results file: the harness (``python -m bench``) records the
+numbers that count. ``--backward-only`` / ``--forward-only`` halve the run.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from crossfuse_fast.kernels.attention import Tiles, attention_fwd, default_scale
+from crossfuse_fast.kernels.attention import Tiles, attention_bwd, attention_fwd, default_scale
 
 HEADS, TOKENS, HEAD_DIM = 16, 256, 32
+WINDOWS = (6, 48, 384)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _time(fn) -> float | None:
+    try:
+        return triton.testing.do_bench(fn, return_mode="median")
+    except Exception as error:  # a tile shape that does not fit the chip's shared memory
+        print(f"    skipped: {type(error).__name__}")
+        return None
+
+
+def _report(label: str, baseline_ms: float, results: list[tuple[float, object]]) -> None:
+    results.sort(key=lambda item: item[0])
+    for ms, config in results[:4]:
+        print(f"{label} {config}  {ms * 1e3:8.1f} us  sdpa {baseline_ms * 1e3:8.1f} us  {baseline_ms / ms:5.2f}x",
+              flush=True)
+
+
+def sweep_forward(dtype: torch.dtype, windows: int) -> None:
+    q, k, v = (torch.randn(windows, HEADS, TOKENS, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3))
+    out = torch.empty_like(q)
+    sdpa = _time(lambda: F.scaled_dot_product_attention(-q, k, v))
+    configs = [Tiles(m, n, w, s) for m, n, w, s in itertools.product((32, 64, 128), (32, 64), (2, 4, 8), (1, 2, 3))]
+    results = []
+    for tiles in configs:
+        ms = _time(lambda tiles=tiles: attention_fwd(q, k, v, out, reverse=True, scale=default_scale(HEAD_DIM),
+                                                     tiles=tiles))
+        if ms is not None:
+            results.append((ms, tiles))
+    _report(f"fwd {str(dtype)[6:]:9} w{windows:<4}", sdpa, results)
+
+
+def sweep_backward(dtype: torch.dtype, windows: int) -> None:
+    q, k, v = (torch.randn(windows, HEADS, TOKENS, HEAD_DIM, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    sdpa_out = F.scaled_dot_product_attention(-q, k, v)
+    sdpa = _time(lambda: torch.autograd.grad(sdpa_out, (q, k, v), grad, retain_graph=True))
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out = torch.empty_like(q)
+    lse = attention_fwd(q, k, v, out, reverse=True, scale=default_scale(HEAD_DIM))
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    results = []
+    for sizes in itertools.product((32, 64, 128), (32, 64, 128)):
+        ms = _time(lambda sizes=sizes: attention_bwd(grad, q, k, v, out, lse, dq, dk, dv, reverse=True,
+                                                     scale=default_scale(HEAD_DIM), block_sizes=sizes))
+        if ms is not None:
+            results.append((ms, sizes))
+    _report(f"bwd {str(dtype)[6:]:9} w{windows:<4}", sdpa, results)
 
 
 def main() -> None:
-    configs = [Tiles(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (32, 64), (4, 8), (1, 2, 3))]
-    for dtype, windows in itertools.product((torch.float32, torch.bfloat16), (6, 48, 384)):
-        q, k, v = (torch.randn(windows, HEADS, TOKENS, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3))
-        out = torch.empty_like(q)
-        sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(-q, k, v), return_mode="median")
-        results = []
-        for tiles in configs:
-            try:
-                ms = triton.testing.do_bench(
-                    lambda: attention_fwd(q, k, v, out, reverse=True, scale=default_scale(HEAD_DIM), tiles=tiles),
-                    return_mode="median")
-            except Exception as error:  # a tile shape that does not fit the chip's shared memory
-                print(f"{dtype} w{windows} {tiles}: {type(error).__name__}")
-                continue
-            results.append((ms, tiles))
-        results.sort(key=lambda item: item[0])
-        for ms, tiles in results[:4]:
-            print(f"{str(dtype)[6:]:9} w{windows:<4} {tiles}  {ms * 1e3:8.1f} us  sdpa {sdpa * 1e3:8.1f} us  "
-                  f"{sdpa / ms:5.2f}x", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--backward-only", action="store_true")
+    args = parser.parse_args()
+    for dtype, windows in itertools.product(DTYPES, WINDOWS):
+        if not args.backward_only:
+            sweep_forward(dtype, windows)
+        if not args.forward_only:
+            sweep_backward(dtype, windows)
 
 
 if __name__ == "__main__":

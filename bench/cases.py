@@ -9,6 +9,9 @@ Providers (each added as it exists):
   one 32 x 32 window at a time in a Python loop, with the roll. Only where that differs from
   ``eager`` (fusion end to end, the cross encoder).
 - ``sdpa``: ``scaled_dot_product_attention`` on negated queries (attention alone).
+- ``compile-graphs`` / ``fast-triton-graphs``: ``torch.compile(mode="reduce-overhead")`` of the
+  reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
+  and launch overhead are gone (the cross encoder, on a GPU only).
 - ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
   twins or the Triton kernels (cross encoder, on windows, on whole deep maps and in training;
   attention alone for ``triton``). Triton providers exist on a GPU only.
@@ -89,6 +92,21 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def _graphed(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False, mode="reduce-overhead")
+
+
+def _encoder_providers(reference: Callable, fast: Callable[[str], Callable], on_gpu: bool) -> dict[str, Callable]:
+    """The cross encoder's providers but ``released``: the reference, compiled, and the fast path."""
+    providers = {"eager": _inference(reference), "compile": _inference(_compiled(reference)),
+                 "fast-torch": _inference(fast("torch"))}
+    if on_gpu:
+        providers.update({"compile-graphs": _inference(_graphed(reference)),
+                          "fast-triton": _inference(fast("triton")),
+                          "fast-triton-graphs": _inference(_graphed(fast("triton")))})
+    return providers
+
+
 def _inference(fn: Callable) -> Callable:
     def run(*inputs):
         with torch.inference_mode():
@@ -133,12 +151,10 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         cases.append(Case(
             name=f"cross encoder w{windows}", group="cross encoder", flops=count.total,
             min_bytes=3 * tensor_bytes(shape) + parameter_bytes(encoder), make_inputs=make_windows,
-            providers=keep({"eager": _inference(encoder), "compile": _inference(_compiled(encoder)),
+            providers=keep({**_encoder_providers(encoder, lambda backend, encoder=encoder:
+                                                 FastCrossEncoder(encoder, backend), on_gpu),
                             "released": _inference(lambda ir, vis, encoder=encoder:
-                                                   released_style_cross_encoder(encoder, ir, vis)),
-                            "fast-torch": _inference(FastCrossEncoder(encoder, "torch")),
-                            **({"fast-triton": _inference(FastCrossEncoder(encoder, "triton"))}
-                               if on_gpu else {})}),
+                                                   released_style_cross_encoder(encoder, ir, vis))}),
             quick=windows == 6))
 
         if windows == 6:
@@ -206,11 +222,9 @@ def _deep_maps_case(model: CrossFuse, meta: CrossFuse, device: torch.device, dty
     return Case(
         name="deep maps 480x640 b1", group="cross encoder", flops=count.total,
         min_bytes=3 * tensor_bytes(shape) + parameter_bytes(encoder), make_inputs=make,
-        providers=keep({"eager": _inference(fusion.fuse_deep), "compile": _inference(_compiled(fusion.fuse_deep)),
-                        "released": _inference(lambda ir, vis: released_style_cross_encoder(encoder, ir, vis)),
-                        "fast-torch": _inference(FastCrossEncoder(encoder, "torch").fuse_deep),
-                        **({"fast-triton": _inference(FastCrossEncoder(encoder, "triton").fuse_deep)}
-                           if on_gpu else {})}),
+        providers=keep({**_encoder_providers(fusion.fuse_deep,
+                                             lambda backend: FastCrossEncoder(encoder, backend).fuse_deep, on_gpu),
+                        "released": _inference(lambda ir, vis: released_style_cross_encoder(encoder, ir, vis))}),
         quick=True, notes="6 windows, cut and put back")
 
 

@@ -265,12 +265,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, reverse: bool,
-                  scale: float) -> None:
-    """Write the gradients of :func:`attention_fwd` into ``dq, dk, dv`` (``[B, H, N, D]`` views)."""
+                  scale: float, block_sizes: tuple[int, int] | None = None) -> None:
+    """Write the gradients of :func:`attention_fwd` into ``dq, dk, dv`` (``[B, H, N, D]`` views).
+
+    ``block_sizes`` (query rows, key columns per tile) defaults to ``_backward_block_sizes``.
+    """
     for name, x in (("grad_out", grad_out), ("dq", dq), ("dk", dk), ("dv", dv)):
         _check(name, x, q)
     batch, heads, tokens, head_dim = q.shape
-    block_m, block_n = _backward_block_sizes(head_dim)
+    block_m, block_n = block_sizes or _backward_block_sizes(head_dim)
     delta = torch.empty_like(lse)
     _attention_bwd_preprocess_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, tokens,

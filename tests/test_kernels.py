@@ -67,6 +67,23 @@ def test_attention_launchers_fp32(shape, reverse):
         assert relative_error(got, want, scale) < 5 * TOLERANCE[torch.float32], f"d{name}"
 
 
+@pytest.mark.parametrize("block_sizes", [(32, 64), (128, 32), (16, 16)], ids=lambda b: "x".join(map(str, b)))
+def test_attention_backward_at_other_block_sizes(block_sizes):
+    """The backward's tiles are a launch choice (``bench.attention_tiles`` sweeps them): every size
+    gives the same gradients, tails included."""
+    torch.manual_seed(9)
+    q, k, v, grad = (torch.randn(2, 3, 50, 32, device=DEVICE) for _ in range(4))
+    out = torch.empty_like(q)
+    lse = attention_fwd(q, k, v, out, reverse=True, scale=default_scale(32))
+    results = []
+    for sizes in (None, block_sizes):
+        grads = [nan_like(q) for _ in range(3)]
+        attention_bwd(grad, q, k, v, out, lse, *grads, reverse=True, scale=default_scale(32), block_sizes=sizes)
+        results.append(grads)
+    for name, got, want in zip("qkv", *results):
+        assert relative_error(got, want, common_scale(results[0])) < 5 * TOLERANCE[torch.float32], f"d{name}"
+
+
 def _three_way(dtype):
     torch.manual_seed(7)
     shape = (2, 3, 40, 32)
