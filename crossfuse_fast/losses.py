@@ -36,8 +36,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11) -> tuple[torch
     The dynamic range comes from ``a`` alone: ``(255 if max(a) > 128 else 1) -
     (-1 if min(a) < -0.5 else 0)``.
     """
-    max_value = 255.0 if a.max() > 128 else 1.0
-    min_value = -1.0 if a.min() < -0.5 else 0.0
+    # As tensors, not Python branches, so torch.compile traces one graph; in float64, so the
+    # constants below round to the input's dtype exactly as the Python floats they replace.
+    max_value = torch.where(a.max() > 128, 255.0, 1.0).double()
+    min_value = torch.where(a.min() < -0.5, -1.0, 0.0).double()
     dynamic_range = max_value - min_value
     channels, height, width = a.shape[1:]
     window = gaussian_window(min(window_size, height, width), channels=channels, device=a.device, dtype=a.dtype)

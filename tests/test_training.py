@@ -134,3 +134,10 @@ def test_learning_rate_schedule(tmp_path, monkeypatch):
     train_autoencoder(SyntheticPairs(2, 16, modality="ir"), tmp_path, epochs=4, max_steps=1,
                       autoencoder=autoencoder, log=lambda line: None)
     assert seen == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+
+
+def test_stage_one_loss_traces_as_one_graph():
+    """MS-SSIM's dynamic-range guess is tensor math, not a Python branch on data, so
+    ``torch.compile`` of the stage-1 loss needs no graph breaks (it had nine, one per guess)."""
+    explanation = torch._dynamo.explain(autoencoder_loss)(AutoEncoder(), torch.rand(2, 1, 32, 32) * 255)
+    assert explanation.graph_break_count == 0, [r.reason.splitlines()[0] for r in explanation.break_reasons]
