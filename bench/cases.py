@@ -160,6 +160,8 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         if windows == 6:
             cases.append(_deep_maps_case(model, meta, device, dtype, keep, on_gpu))
 
+        cases.append(_mlp_case(model, windows, device, dtype, keep, on_gpu))
+
         def make_qkv(seed: int, windows=windows) -> tuple:
             generator = torch.Generator().manual_seed(seed)
             qkv = torch.randn(3, windows, HEADS, TOKENS, HEAD_DIM, generator=generator)
@@ -205,6 +207,30 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
     cases.extend(_training_cases(device, dtype, keep))
     cases.append(_cross_encoder_training_case(model.fusion.cross_atten_block, meta, device, dtype, keep, on_gpu))
     return cases
+
+
+def _mlp_case(model: CrossFuse, windows: int, device: torch.device, dtype: torch.dtype, keep: Callable,
+              on_gpu: bool) -> Case:
+    """An MLP's ``fc1`` with its GELU on every token of ``windows`` windows: the model's widest output."""
+    fc1 = model.fusion.cross_atten_block.cross_atten_block.cross_atten1.blocks[0].mlp.fc1
+    tokens = windows * TOKENS
+
+    def make(seed: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(tokens, fc1.in_features, generator=generator).to(device, dtype),)
+
+    def reference(x):
+        return F.gelu(F.linear(x, fc1.weight, fc1.bias))
+    x = torch.empty(tokens, fc1.in_features, dtype=dtype)
+    y = torch.empty(tokens, fc1.out_features, dtype=dtype)
+    return Case(
+        name=f"mlp fc1 w{windows}", group="cross encoder", flops=2 * tokens * fc1.in_features * fc1.out_features,
+        min_bytes=tensor_bytes(x, y) + parameter_bytes(fc1), make_inputs=make,
+        providers=keep({"eager": _inference(reference), "compile": _inference(_compiled(reference)),
+                        "fast-torch": _inference(lambda x: kernels.linear_gelu_torch(x, fc1.weight, fc1.bias)),
+                        **({"fast-triton": _inference(lambda x: kernels.linear_gelu(x, fc1.weight, fc1.bias))}
+                           if on_gpu else {})}),
+        quick=False, notes="fused GEMM + bias + GELU in 16 bits; cuBLAS + bias_gelu in fp32")
 
 
 def _deep_maps_case(model: CrossFuse, meta: CrossFuse, device: torch.device, dtype: torch.dtype, keep: Callable,

@@ -11,7 +11,8 @@ run, and train, the very same parameters) and computes the same function with:
 - attention reading q, k, v straight from the projection GEMMs (``qkv`` for self blocks; ``q``
   and one merged ``k | v`` GEMM for the cross blocks, whose ``k_linear`` and ``v_linear`` read
   the same normalised input) and writing the heads merged;
-- LayerNorm fused with the residual add before it, and ``fc1``'s bias fused with its GELU.
+- LayerNorm fused with the residual add before it, and ``fc1``'s bias and GELU fused into its
+  GEMM (16-bit) or into one pass after it (fp32).
 
 ``backend="triton"`` uses the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU);
 ``backend="torch"`` their PyTorch twins, which is the CPU path.
@@ -40,7 +41,7 @@ class Ops:
 
     layer_norm: Callable
     add_layer_norm: Callable
-    bias_gelu: Callable
+    linear_gelu: Callable
     self_attention: Callable
     cross_attention: Callable
     layer_norm_from_map: Callable
@@ -48,10 +49,10 @@ class Ops:
 
 
 OPS = {
-    "torch": Ops(kernels.layer_norm_torch, kernels.add_layer_norm_torch, kernels.bias_gelu_torch,
+    "torch": Ops(kernels.layer_norm_torch, kernels.add_layer_norm_torch, kernels.linear_gelu_torch,
                  kernels.self_attention_torch, kernels.cross_attention_torch, kernels.layer_norm_from_map_torch,
                  kernels.add_layer_norm_to_map_torch),
-    "triton": Ops(kernels.layer_norm, kernels.add_layer_norm, kernels.bias_gelu, kernels.self_attention,
+    "triton": Ops(kernels.layer_norm, kernels.add_layer_norm, kernels.linear_gelu, kernels.self_attention,
                   kernels.cross_attention, kernels.layer_norm_from_map, kernels.add_layer_norm_to_map),
 }
 
@@ -76,7 +77,7 @@ def _add_norm(ops: Ops, norm: nn.LayerNorm, x: Tensor, residual: Tensor) -> tupl
 
 
 def _mlp(ops: Ops, mlp: nn.Module, x: Tensor) -> Tensor:
-    return F.linear(ops.bias_gelu(F.linear(x, mlp.fc1.weight), mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
+    return F.linear(ops.linear_gelu(x, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
 
 
 def self_module(ops: Ops, module: SelfModule, x: Tensor, normed: Tensor | None = None) -> Tensor:

@@ -10,8 +10,9 @@ from .attention import (attention, attention_torch, cross_attention, cross_atten
 from .gelu import bias_gelu, bias_gelu_torch
 from .layer_norm import (add_layer_norm, add_layer_norm_to_map, add_layer_norm_to_map_torch, add_layer_norm_torch,
                          layer_norm, layer_norm_from_map, layer_norm_from_map_torch, layer_norm_torch)
+from .linear_gelu import linear_gelu, linear_gelu_torch
 
 __all__ = ["add_layer_norm", "add_layer_norm_to_map", "add_layer_norm_to_map_torch", "add_layer_norm_torch",
            "attention", "attention_torch", "bias_gelu", "bias_gelu_torch", "cross_attention", "cross_attention_torch",
-           "layer_norm", "layer_norm_from_map", "layer_norm_from_map_torch", "layer_norm_torch", "self_attention",
-           "self_attention_torch"]
+           "layer_norm", "layer_norm_from_map", "layer_norm_from_map_torch", "layer_norm_torch", "linear_gelu",
+           "linear_gelu_torch", "self_attention", "self_attention_torch"]

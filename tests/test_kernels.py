@@ -5,17 +5,20 @@ small. fp32 dots use ``input_precision="ieee"``, so these fp32 tolerances hold o
 Low-precision cases use the three-way check: the kernel's error against the fp64 reference
 must stay within twice PyTorch's own error in that dtype, plus a floor from the table.
 """
+import copy
+
 import pytest
 import torch
 
 from crossfuse_fast import kernels
-from crossfuse_fast.fast import OPS, FastCrossEncoder, cross_module, self_module
+from crossfuse_fast.fast import FastCrossEncoder
 from crossfuse_fast.kernels.attention import attention_bwd, attention_fwd, default_scale
+from crossfuse_fast.kernels.linear_gelu import GemmTiles, linear_gelu_fwd
 from crossfuse_fast.kernels.windows import WindowGrid, map_to_tokens, tokens_to_map
 from crossfuse_fast.reference import attention_ref
 from crossfuse_fast.reference.functional import from_windows, patchify, to_windows, unpatchify
 from crossfuse_fast.reference.fusion import FusionNet
-from crossfuse_fast.reference.transformer import CrossEncoder, CrossModule, SelfModule
+from crossfuse_fast.reference.transformer import CrossEncoder
 
 # Largest allowed |kernel - fp64 reference| / max|reference|, per dtype.
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -246,6 +249,41 @@ def test_map_ops_name_a_bad_geometry():
         kernels.add_layer_norm_to_map(tokens, tokens, tokens, weight, weight, 1e-6, 8, 4, (4, 4))
 
 
+@pytest.mark.parametrize("rows,depth,cols", [(1, 16, 8), (37, 80, 96), (300, 100, 200)])
+def test_linear_gelu_launcher_fp32(poisoned_allocations, rows, depth, cols):
+    """The GEMM with bias + GELU epilogue, and its saved pre-activation, against fp64; tails in every
+    dimension, several row and column blocks."""
+    torch.manual_seed(rows + cols)
+    x, weight, bias = (torch.randn(*shape, device=DEVICE) for shape in ((2, rows, depth), (cols, depth), (cols,)))
+    tiles = GemmTiles(block_m=64, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=2)
+    y, pre = linear_gelu_fwd(x, weight, bias, save_pre=True, tiles=tiles)
+    pre_expected = x.double() @ weight.double().t()
+    assert relative_error(pre, pre_expected) < TOLERANCE[torch.float32]
+    assert relative_error(y, torch.nn.functional.gelu(pre_expected + bias.double())) < TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="do not make x @ weight.T"):
+        linear_gelu_fwd(x, weight.t(), bias, save_pre=False)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_linear_gelu_forward_and_gradients(poisoned_allocations, dtype):
+    """The public op (fused GEMM in 16 bits, cuBLAS + bias_gelu in fp32): output and the gradients of
+    x, weight and bias, three-way against fp64 and PyTorch in the same dtype."""
+    torch.manual_seed(21)
+    inputs = [(torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_()
+              for shape, scale in (((3, 45, 64), 1.0), ((136, 64), 0.125), ((136,), 1.0))]
+    doubled = [t.detach().double().requires_grad_() for t in inputs]
+    got, want, low = (kernels.linear_gelu(*inputs), kernels.linear_gelu_torch(*doubled),
+                      kernels.linear_gelu_torch(*inputs))
+    with torch.no_grad():
+        assert torch.equal(kernels.linear_gelu(*inputs), got)
+    assert relative_error(got, want) <= 2 * relative_error(low, want) + TOLERANCE[dtype]
+    upstream = torch.randn(got.shape, device=DEVICE)
+    grads = [torch.autograd.grad(out, wrt, upstream.to(out.dtype))
+             for out, wrt in ((got, inputs), (want, doubled), (low, inputs))]
+    for name, g, w, lp in zip(("x", "weight", "bias"), *grads):
+        assert relative_error(g, w) <= 2 * relative_error(lp, w) + 5 * TOLERANCE[dtype], name
+
+
 def _small_inputs():
     torch.manual_seed(11)
     return (torch.randn(2, 5, 16, device=DEVICE, requires_grad=True),
@@ -267,6 +305,9 @@ def test_opcheck_every_registered_op():
         (torch.ops.crossfuse.add_layer_norm, (x, x.detach().clone().requires_grad_(), weight,
                                               weight.detach().clone().requires_grad_(), 1e-6)),
         (torch.ops.crossfuse.bias_gelu, (x, weight)),
+        (torch.ops.crossfuse.linear_gelu, (x.half(), *(torch.randn(*shape, device=DEVICE, dtype=torch.half,
+                                                                    requires_grad=True) for shape in ((24, 16), (24,))),
+                                           True)),
         (torch.ops.crossfuse.layer_norm_from_map, (torch.randn(1, 4, 5, 3, device=DEVICE, requires_grad=True),
                                                    weight, weight.detach().clone().requires_grad_(), 1e-6, 4, 4)),
         (torch.ops.crossfuse.add_layer_norm_to_map, (*tokens, weight, weight.detach().clone().requires_grad_(),
@@ -341,3 +382,23 @@ def test_fast_encoder_names_bad_input():
         fast(torch.randn(1, 128, 5, 4), torch.randn(1, 128, 5, 4))
     with pytest.raises(ValueError, match="unknown backend"):
         FastCrossEncoder(CrossEncoder(), "cuda")
+
+
+def test_fast_cross_encoder_fp16_three_way():
+    """In fp16 the MLP's fc1 runs as the fused GEMM + GELU kernel: the whole encoder's output and
+    input gradients stay within twice the reference's own fp16 error (against fp64), plus the floor."""
+    torch.manual_seed(19)
+    reference = CrossEncoder().to(DEVICE)
+    ir, vis = (torch.randn(2, 128, 6, 4, device=DEVICE) for _ in range(2))
+    grad = torch.randn(2, 128, 6, 4, device=DEVICE)
+
+    def run(encoder, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (ir, vis)]
+        out = encoder(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, grad.to(dtype)))
+
+    want = run(copy.deepcopy(reference).double(), torch.float64)
+    half = copy.deepcopy(reference).half()
+    low, got = run(half, torch.float16), run(FastCrossEncoder(half, "triton"), torch.float16)
+    for name, g, w, lp in zip(("output", "ir", "vis"), got, want, low):
+        assert relative_error(g, w) <= 2 * relative_error(lp, w) + TOLERANCE[torch.float16], name
