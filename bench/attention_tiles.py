@@ -2,9 +2,11 @@
 
 ``python -m bench.attention_tiles`` prints, per (dtype, windows), the four fastest forward
 tiles (``triton.testing.do_bench`` median) with their ratio to SDPA's forward, then the
-backward block sizes against SDPA's backward, to choose ``forward_tiles`` and
-``_backward_block_sizes``. Not a results file: the harness (``python -m bench``) records the
-numbers that count. ``--backward-only`` / ``--forward-only`` halve the run.
+backward tiles against SDPA's backward, to choose ``forward_tiles`` and ``backward_tiles``.
+Not a results file: the harness (``python -m bench``) records the numbers that count.
+``--backward-only`` / ``--forward-only`` halve the run; the backward sweep is 108 tiles per
+case, so give it a long time limit (``python -m bench.gpu_compile`` shows, without a GPU,
+which tiles spill registers).
 """
 from __future__ import annotations
 
@@ -62,11 +64,12 @@ def sweep_backward(dtype: torch.dtype, windows: int) -> None:
     lse = attention_fwd(q, k, v, out, reverse=True, scale=default_scale(HEAD_DIM))
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     results = []
-    for sizes in itertools.product((32, 64, 128), (32, 64, 128)):
-        ms = _time(lambda sizes=sizes: attention_bwd(grad, q, k, v, out, lse, dq, dk, dv, reverse=True,
-                                                     scale=default_scale(HEAD_DIM), block_sizes=sizes))
+    for tiles in (Tiles(m, n, w, s) for m, n, w, s in itertools.product((32, 64, 128), (32, 64, 128), (4, 8),
+                                                                          (1, 2, 3))):
+        ms = _time(lambda tiles=tiles: attention_bwd(grad, q, k, v, out, lse, dq, dk, dv, reverse=True,
+                                                     scale=default_scale(HEAD_DIM), tiles=tiles))
         if ms is not None:
-            results.append((ms, sizes))
+            results.append((ms, tiles))
     _report(f"bwd {str(dtype)[6:]:9} w{windows:<4}", sdpa, results)
 
 

@@ -220,9 +220,15 @@ def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     return Tiles(64, 64 if head_dim <= 64 else 32)
 
 
-def _backward_block_sizes(head_dim: int) -> tuple[int, int]:
-    """Backward tiles: 64 x 64, 64 x 32 for wide heads."""
-    return 64, 64 if head_dim <= 64 else 32
+def backward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
+    """Backward tiles (the same for the dK/dV and the dQ kernel): 64 x 64, 64 x 32 for wide heads.
+
+    fp32 takes 8 warps and one stage: compiled for sm_90 by Triton 3.9, 4 warps and 3 stages left
+    the dK/dV kernel 32 registers and a 7 KiB stack of spills (``python -m bench.gpu_compile``
+    shows each kernel's registers and stack). Not yet timed on a GPU.
+    """
+    block_n = 64 if head_dim <= 64 else 32
+    return Tiles(64, block_n, 8, 1) if dtype == torch.float32 else Tiles(64, block_n, 4, 3)
 
 
 def _check(name: str, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
@@ -265,22 +271,23 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *, reverse: bool,
-                  scale: float, block_sizes: tuple[int, int] | None = None) -> None:
+                  scale: float, tiles: Tiles | None = None) -> None:
     """Write the gradients of :func:`attention_fwd` into ``dq, dk, dv`` (``[B, H, N, D]`` views).
 
-    ``block_sizes`` (query rows, key columns per tile) defaults to ``_backward_block_sizes``.
+    ``tiles`` defaults to :func:`backward_tiles`.
     """
     for name, x in (("grad_out", grad_out), ("dq", dq), ("dk", dk), ("dv", dv)):
         _check(name, x, q)
     batch, heads, tokens, head_dim = q.shape
-    block_m, block_n = block_sizes or _backward_block_sizes(head_dim)
+    tiles = tiles or backward_tiles(head_dim, q.dtype)
+    block_m, block_n = tiles.block_m, tiles.block_n
     delta = torch.empty_like(lse)
     _attention_bwd_preprocess_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, tokens,
         HEAD_DIM=head_dim, BLOCK_M=block_m)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_REVERSE=reverse,
-                  INPUT_PRECISION=_precision(q.dtype))
+                  INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     _attention_bwd_dkdv_kernel[(triton.cdiv(tokens, block_n), batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
         heads, tokens, scale, **common)

@@ -12,7 +12,7 @@ import torch
 
 from crossfuse_fast import kernels
 from crossfuse_fast.fast import FastCrossEncoder
-from crossfuse_fast.kernels.attention import attention_bwd, attention_fwd, default_scale
+from crossfuse_fast.kernels.attention import Tiles, attention_bwd, attention_fwd, default_scale
 from crossfuse_fast.kernels.linear_gelu import GemmTiles, linear_gelu_fwd
 from crossfuse_fast.kernels.windows import WindowGrid, map_to_tokens, tokens_to_map
 from crossfuse_fast.reference import attention_ref
@@ -70,8 +70,9 @@ def test_attention_launchers_fp32(shape, reverse):
         assert relative_error(got, want, scale) < 5 * TOLERANCE[torch.float32], f"d{name}"
 
 
-@pytest.mark.parametrize("block_sizes", [(32, 64), (128, 32), (16, 16)], ids=lambda b: "x".join(map(str, b)))
-def test_attention_backward_at_other_block_sizes(block_sizes):
+@pytest.mark.parametrize("tiles", [Tiles(32, 64), Tiles(128, 32), Tiles(16, 16)],
+                         ids=lambda t: f"{t.block_m}x{t.block_n}")
+def test_attention_backward_at_other_tiles(tiles):
     """The backward's tiles are a launch choice (``bench.attention_tiles`` sweeps them): every size
     gives the same gradients, tails included."""
     torch.manual_seed(9)
@@ -79,9 +80,9 @@ def test_attention_backward_at_other_block_sizes(block_sizes):
     out = torch.empty_like(q)
     lse = attention_fwd(q, k, v, out, reverse=True, scale=default_scale(32))
     results = []
-    for sizes in (None, block_sizes):
+    for choice in (None, tiles):
         grads = [nan_like(q) for _ in range(3)]
-        attention_bwd(grad, q, k, v, out, lse, *grads, reverse=True, scale=default_scale(32), block_sizes=sizes)
+        attention_bwd(grad, q, k, v, out, lse, *grads, reverse=True, scale=default_scale(32), tiles=choice)
         results.append(grads)
     for name, got, want in zip("qkv", *results):
         assert relative_error(got, want, common_scale(results[0])) < 5 * TOLERANCE[torch.float32], f"d{name}"
