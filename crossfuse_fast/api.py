@@ -9,7 +9,7 @@ import torch
 
 from .model import CrossFuse
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "fast")
 UINT16_SCALINGS = ("minmax", "full")
 MIN_SIDE = 8
 """Smallest image side: three 2 x 2 poolings must leave at least one deep pixel."""
@@ -33,6 +33,10 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
       stretches each image's own range linearly, as thermal cameras' raw counts rarely fill
       16 bits; ``"full"`` divides by 257 (65535 -> 255).
 
+    ``backend="reference"`` runs the reference model; ``"fast"`` runs its cross encoder on the
+    fast path (the Triton kernels on a GPU, their PyTorch twins on a CPU) with the same weights
+    and result up to float rounding; the convolutions are the reference's in both.
+
     ``model`` is a :class:`CrossFuse` (``CrossFuse.from_original(...)`` for the released
     weights) or the path of a file written by ``CrossFuse.save``. It runs in eval mode;
     its own mode is restored afterwards. Mismatched sizes, wrong dtypes or shapes, NaN or
@@ -47,9 +51,9 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
     if not isinstance(model, CrossFuse):
         raise ValueError(f"model must be a CrossFuse or the path of a saved one, not {type(model).__name__}")
     if isinstance(ir, torch.Tensor) and isinstance(vis, torch.Tensor):
-        return _fuse_tensors(ir, vis, model)
+        return _fuse_tensors(ir, vis, model, backend)
     if isinstance(ir, np.ndarray) and isinstance(vis, np.ndarray):
-        return _fuse_images(ir, vis, model, uint16_scaling)
+        return _fuse_images(ir, vis, model, uint16_scaling, backend)
     raise ValueError("ir and vis must both be torch tensors or both numpy arrays, "
                      f"not {type(ir).__name__} and {type(vis).__name__}")
 
@@ -68,7 +72,7 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse) -> torch.Tensor:
+def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend: str) -> torch.Tensor:
     _check_tensor("ir", ir)
     _check_tensor("vis", vis)
     if ir.shape != vis.shape:
@@ -78,10 +82,16 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse) -> torc
     model.eval()
     try:
         with torch.inference_mode():
-            fused = model(ir.to(parameter), vis.to(parameter))
+            fusion = _fast_fusion(model) if backend == "fast" else None
+            fused = model(ir.to(parameter), vis.to(parameter), fusion=fusion)
     finally:
         model.train(was_training)
     return fused.to(ir.device)
+
+
+def _fast_fusion(model: CrossFuse) -> torch.nn.Module:
+    from .fast import FastFusionNet  # imports Triton: only the fast backend needs it
+    return FastFusionNet(model.fusion)
 
 
 def _check_image(name: str, image: np.ndarray, colour_ok: bool) -> None:
@@ -108,7 +118,8 @@ def _to_unit_float(image: np.ndarray, uint16_scaling: str) -> np.ndarray:
     return (image.astype(np.float32) - low) / max(high - low, 1.0)
 
 
-def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scaling: str) -> np.ndarray:
+def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scaling: str,
+                 backend: str) -> np.ndarray:
     _check_image("ir", ir, colour_ok=True)
     _check_image("vis", vis, colour_ok=True)
     if ir.shape[:2] != vis.shape[:2]:
@@ -127,7 +138,7 @@ def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scali
         vis_luma = vis_unit.reshape(vis_unit.shape[:2])
     ir_tensor = torch.from_numpy(np.ascontiguousarray(ir_unit.reshape(ir_unit.shape[:2]) * 255.0))[None, None]
     vis_tensor = torch.from_numpy(np.ascontiguousarray(vis_luma * 255.0))[None, None]
-    fused = _fuse_tensors(ir_tensor, vis_tensor, model)[0, 0].cpu().numpy()
+    fused = _fuse_tensors(ir_tensor, vis_tensor, model, backend)[0, 0].cpu().numpy()
     if colour:
         ycrcb[..., 0] = fused / 255.0
         fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0

@@ -58,7 +58,8 @@ def _command_fuse(args: argparse.Namespace) -> None:
                               "pass --overwrite to replace")
     model = _load_model(args).to(args.device)
     for ir_path, vis_path, out in jobs:
-        fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model, uint16_scaling=args.uint16_scaling)
+        fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model, uint16_scaling=args.uint16_scaling,
+                     backend=args.backend)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(out), fused):
             raise ValueError(f"{out}: could not be written")
@@ -81,7 +82,7 @@ def _command_train_fusion(args: argparse.Namespace) -> None:
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
     train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=args.device, max_steps=args.max_steps,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, backend=args.backend)
 
 
 def _command_synthetic(args: argparse.Namespace) -> None:
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--uint16-scaling", choices=("minmax", "full"), default="minmax",
                       help="how 16-bit images map to 0..255 (default: each image's own range)")
     fuse.add_argument("--device", default="cpu")
+    fuse.add_argument("--backend", choices=("reference", "fast"), default="reference",
+                      help="fast: the cross encoder on the fast path (Triton on a GPU), same result up to rounding")
     fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     fuse.set_defaults(run=_command_fuse)
 
@@ -130,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--vis", help="folder of visible training images, paired by file name")
             sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
             sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
+            sub.add_argument("--backend", choices=("reference", "fast"), default="reference",
+                             help="fast: the cross encoder on the fast path (Triton on a GPU)")
         sub.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N synthetic images/pairs")
         sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
         sub.add_argument("--epochs", type=int, default=4 if stage1 else 32)

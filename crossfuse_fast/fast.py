@@ -15,7 +15,9 @@ run, and train, the very same parameters) and computes the same function with:
   GEMM (16-bit) or into one pass after it (fp32).
 
 ``backend="triton"`` uses the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU);
-``backend="torch"`` their PyTorch twins, which is the CPU path.
+``backend="torch"`` their PyTorch twins, which is the CPU path; ``backend="auto"`` picks by the
+inputs' device. :class:`FastFusionNet` puts the fast encoder inside a reference fusion network
+(``fuse(backend="fast")`` and ``train_fusion(backend="fast")``).
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ from torch import Tensor, nn
 
 from . import kernels
 from .reference.functional import PATCH, WINDOW
+from .reference.fusion import FusionNet
 from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "auto")
 DEEP_CHANNELS = EMBED_DIM // (PATCH * PATCH)
 """Channels of the deep maps whose 2 x 2 patches are the encoder's tokens."""
 
@@ -154,7 +157,7 @@ class FastCrossEncoder(nn.Module):
         return self._run(ir_deep, vis_deep, (WINDOW, WINDOW))
 
     def _run(self, ir: Tensor, vis: Tensor, window: tuple[int, int]) -> Tensor:
-        ops = OPS[self.backend]
+        ops = OPS[resolve_backend(self.backend, ir.device)]
         encoder = self.reference
         first, second = encoder.self_atten_block1, encoder.self_atten_block2
         t_ir = _self_module_from_map(ops, first.self_atten1, ir, window)
@@ -177,3 +180,26 @@ def _check_pair(ir: Tensor, vis: Tensor) -> None:
         raise ValueError(f"expected deep features [batch, {DEEP_CHANNELS}, height, width], got shape {tuple(ir.shape)}")
     if vis.shape != ir.shape:
         raise ValueError(f"infrared and visible features differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: the Triton kernels on a GPU, their PyTorch twins elsewhere."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+class FastFusionNet(nn.Module):
+    """A reference :class:`FusionNet` (its own parameters) with its cross encoder on the fast path;
+    the decoder stays the reference's. Same call and result as the reference, up to rounding."""
+
+    def __init__(self, reference: FusionNet, backend: str = "auto"):
+        super().__init__()
+        self.reference = reference
+        self.encoder = FastCrossEncoder(reference.cross_atten_block, backend)
+
+    def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
+                shift: bool = True) -> Tensor:
+        """``shift`` is accepted for the reference's signature (the fast encoder needs no roll)."""
+        fused = self.encoder.fuse_deep(ir_deep, vis_deep)
+        return self.reference.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)

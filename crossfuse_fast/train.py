@@ -17,6 +17,8 @@ from .checkpoints import save_tensors
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
 
+TRAINING_BACKENDS = ("reference", "fast")
+
 
 def _adam_with_step_decay(parameters, lr: float, weight_decay: float, decay_from_epoch: int,
                           decay: float) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
@@ -80,13 +82,17 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                  weight_decay: float = 0.9, decay_from_epoch: int = 3, decay: float = 0.1,
                  device: str | torch.device = "cpu", max_steps: int | None = None,
                  fusion: FusionNet | None = None, overwrite: bool = False, seed: int = 0,
-                 log: Callable[[str], None] = print) -> FusionNet:
+                 backend: str = "reference", log: Callable[[str], None] = print) -> FusionNet:
     """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255).
 
     The encoders stay frozen; only the fusion network's trainable parameters are optimised.
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
+    ``backend="fast"`` trains the same parameters with the cross encoder on the fast path (the
+    Triton kernels on a GPU, their PyTorch twins on a CPU).
     """
+    if backend not in TRAINING_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(TRAINING_BACKENDS)}")
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
     torch.manual_seed(seed)
     for encoder in (ir_autoencoder, vis_autoencoder):
@@ -96,8 +102,13 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     optimizer, scheduler = _adam_with_step_decay(trainable, lr, weight_decay, decay_from_epoch, decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
+    network = model
+    if backend == "fast":
+        from .fast import FastFusionNet  # imports Triton: only the fast backend needs it
+        network = FastFusionNet(model)
+
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return fusion_loss(model, ir_autoencoder, vis_autoencoder, pair[0].to(device), pair[1].to(device))
+        return fusion_loss(network, ir_autoencoder, vis_autoencoder, pair[0].to(device), pair[1].to(device))
 
     _run_epochs("fusion", model, loader, loss_of_batch, optimizer, scheduler, paths, max_steps, overwrite, log)
     return model

@@ -1,4 +1,6 @@
 """``fuse()``: windows, batches, sizes, numpy images and colour, and every documented bad input."""
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -54,6 +56,27 @@ def test_sizes(model, height, width):
     assert torch.isfinite(fused).all()
     assert fused.min() >= 0 and fused.max() <= 255.0 + 1e-3
     assert fused.max() - fused.min() > 200  # min-max stretched: not a constant image
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 64, 80), (1, 1, 300, 410), (1, 1, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_fast_backend_is_the_reference_up_to_rounding(model, shape):
+    """``backend="fast"`` (the fast cross encoder, PyTorch twins on a CPU): its error against the
+    reference in float64 stays within twice the fp32 reference's own, plus a floor of 1e-3 grey
+    levels. Padded windows (64 x 80, 300 x 410), batch 2, and a one-pixel deep map (8 x 8)."""
+    torch.manual_seed(sum(shape))
+    ir, vis = torch.rand(shape) * 255, torch.rand(shape) * 255
+    exact = fuse(ir.double(), vis.double(), model=copy.deepcopy(model).double())
+    reference_error = (fuse(ir, vis, model=model) - exact).abs().max().item()
+    fast = fuse(ir, vis, model=model, backend="fast")
+    assert fast.dtype == torch.float32 and fast.shape == shape
+    assert (fast - exact).abs().max().item() <= 2 * reference_error + 1e-3
+
+
+def test_fast_backend_on_images(model):
+    ir, vis = synthetic_pair(120, 160, np.random.default_rng(3))
+    reference = fuse(ir, vis, model=model).astype(int)
+    fast = fuse(ir, vis, model=model, backend="fast").astype(int)
+    assert np.abs(fast - reference).max() <= 1 and (fast != reference).mean() < 0.01
 
 
 def test_model_mode_is_restored(model):
@@ -147,7 +170,7 @@ def test_bad_inputs(model, make, message):
 
 def test_bad_arguments(model):
     ir, vis = synthetic_batch(1, 16, 16)
-    with pytest.raises(ValueError, match="unknown backend 'triton'; available: reference"):
+    with pytest.raises(ValueError, match="unknown backend 'triton'; available: reference, fast"):
         fuse(ir, vis, model=model, backend="triton")
     with pytest.raises(ValueError, match="unknown uint16_scaling"):
         fuse(ir, vis, model=model, uint16_scaling="log")

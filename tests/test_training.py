@@ -1,4 +1,5 @@
 """Both training stages: finite, decreasing losses; gradients reach exactly the used parameters."""
+import copy
 import re
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from crossfuse_fast import CrossFuse
 from crossfuse_fast.data import SyntheticPairs
+from crossfuse_fast.fast import FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss, gradient_loss, laplacian, order_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet
 from crossfuse_fast.synthetic import synthetic_batch
@@ -141,3 +143,42 @@ def test_stage_one_loss_traces_as_one_graph():
     ``torch.compile`` of the stage-1 loss needs no graph breaks (it had nine, one per guess)."""
     explanation = torch._dynamo.explain(autoencoder_loss)(AutoEncoder(), torch.rand(2, 1, 32, 32) * 255)
     assert explanation.graph_break_count == 0, [r.reason.splitlines()[0] for r in explanation.break_reasons]
+
+
+def test_fast_backend_gives_the_reference_loss_and_gradients():
+    """Stage 2 through ``FastFusionNet`` (PyTorch twins on a CPU): loss and every parameter's gradient
+    as close to the float64 reference as the fp32 reference is (three-way), the same parameters unused."""
+    torch.manual_seed(0)
+    ir_autoencoder, vis_autoencoder, fusion = AutoEncoder().eval(), AutoEncoder().eval(), FusionNet().train()
+    ir, vis = synthetic_batch(2, 96, 64, seed=5)
+
+    def loss_and_grads(network, model, autoencoders, images):
+        loss = fusion_loss(network, *autoencoders, *images)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        return loss.item(), dict(zip([n for n, _ in named], grads))
+
+    fusion64 = copy.deepcopy(fusion).double()
+    autoencoders64 = [copy.deepcopy(a).double() for a in (ir_autoencoder, vis_autoencoder)]
+    exact_loss, exact = loss_and_grads(fusion64, fusion64, autoencoders64, (ir.double(), vis.double()))
+    reference_loss, reference = loss_and_grads(fusion, fusion, (ir_autoencoder, vis_autoencoder), (ir, vis))
+    fast_loss, fast = loss_and_grads(FastFusionNet(fusion), fusion, (ir_autoencoder, vis_autoencoder), (ir, vis))
+    assert abs(fast_loss - exact_loss) <= 2 * abs(reference_loss - exact_loss) + 1e-6 * exact_loss
+    assert [n for n, g in fast.items() if g is None] == [n for n, g in exact.items() if g is None]
+    scale = max(g.abs().max().item() for g in exact.values() if g is not None)
+
+    def worst(grads):
+        return max((grads[n] - g).abs().max().item() for n, g in exact.items() if g is not None) / scale
+
+    assert worst(fast) <= 2 * worst(reference) + 1e-6
+
+
+def test_train_fusion_fast_backend(tmp_path):
+    logs = []
+    fusion = train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path, epochs=1, batch_size=2,
+                          max_steps=1, backend="fast", log=logs.append)
+    assert isinstance(fusion, FusionNet) and (tmp_path / "fusion_epoch1.model").exists()
+    assert any(line.startswith("fusion epoch 1 step 1 loss") for line in logs)
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path / "other", epochs=1,
+                     backend="triton")
