@@ -13,8 +13,9 @@ Providers (each added as it exists):
   reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
   and launch overhead are gone (the cross encoder, on a GPU only).
 - ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
-  twins or the Triton kernels (cross encoder, on windows, on whole deep maps and in training;
-  attention alone for ``triton``). Triton providers exist on a GPU only.
+  twins or the Triton kernels (``fuse(backend="fast")`` end to end; the cross encoder on
+  windows, on whole deep maps and in training; attention alone for ``triton``). Triton
+  providers exist on a GPU only.
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, kernels
-from crossfuse_fast.fast import FastCrossEncoder
+from crossfuse_fast.fast import FastCrossEncoder, FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -88,6 +89,12 @@ def released_style_cross_encoder(encoder: torch.nn.Module, ir_deep: torch.Tensor
     return fused[..., :height, :width]
 
 
+def _fast_fuse(model: CrossFuse, backend: str) -> Callable:
+    """``fuse(backend="fast")``'s network: the reference model with its cross encoder on the fast path."""
+    fusion = FastFusionNet(model.fusion, backend)
+    return lambda ir, vis: model(ir, vis, fusion=fusion)
+
+
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
@@ -136,7 +143,9 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 name=f"fuse {tag} b{batch}", group="fuse end to end", flops=count.total,
                 min_bytes=3 * tensor_bytes(shapes[0]) + weights_bytes, make_inputs=make,
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
-                                "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis))}),
+                                "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis)),
+                                "fast-torch": _inference(_fast_fuse(model, "torch")),
+                                **({"fast-triton": _inference(_fast_fuse(model, "triton"))} if on_gpu else {})}),
                 quick=batch == 1 and height <= 480, notes=f"{windows} windows"))
 
     for windows in (6, 48, 384):
