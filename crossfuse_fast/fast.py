@@ -11,7 +11,8 @@ run, and train, the very same parameters) and computes the same function with:
 - attention reading q, k, v straight from the projection GEMMs (``qkv`` for self blocks; ``q``
   and one merged ``k | v`` GEMM for the cross blocks, whose ``k_linear`` and ``v_linear`` read
   the same normalised input) and writing the heads merged;
-- LayerNorm fused with the residual add before it, and ``fc1``'s bias and GELU fused into its
+- LayerNorm fused with the residual add before it (also across modules: a block's last add is
+  left to the next module's first LayerNorm), and ``fc1``'s bias and GELU fused into its
   GEMM (16-bit) or into one pass after it (fp32).
 
 ``backend="triton"`` uses the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU);
@@ -83,33 +84,53 @@ def _mlp(ops: Ops, mlp: nn.Module, x: Tensor) -> Tensor:
     return F.linear(ops.linear_gelu(x, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
 
 
-def self_module(ops: Ops, module: SelfModule, x: Tensor, normed: Tensor | None = None) -> Tensor:
+@dataclass(frozen=True)
+class Stream:
+    """Tokens ``x + addend``: a block's last residual add, left to the next LayerNorm so that one
+    pass adds and normalises (``addend`` None: the tokens are ``x``)."""
+
+    x: Tensor
+    addend: Tensor | None = None
+
+    def normalised(self, ops: Ops, norm: nn.LayerNorm) -> tuple[Tensor, Tensor]:
+        """``(norm(tokens), tokens)``."""
+        if self.addend is None:
+            return _norm(ops, norm, self.x), self.x
+        return _add_norm(ops, norm, self.addend, self.x)
+
+
+def self_module(ops: Ops, module: SelfModule, stream: Stream, normed: Tensor | None = None) -> Stream:
     """A reference ``SelfModule`` on tokens ``[W, N, C]`` (its unused ``norm`` stays unused).
 
-    ``normed``, when given, is the first block's ``norm1(x)``, already computed.
+    ``normed``, when given, is the first block's ``norm1`` of ``stream`` (which then has no
+    addend), already computed. The output's last residual add is left pending.
     """
     for block in module.blocks:
         attn = block.attn
         if normed is None:
-            normed = _norm(ops, block.norm1, x)
+            normed, x = stream.normalised(ops, block.norm1)
+        else:
+            x = stream.x
         qkv = F.linear(normed, attn.qkv.weight, attn.qkv.bias)
         mixed = F.linear(ops.self_attention(qkv, attn.heads, reverse=False), attn.proj.weight, attn.proj.bias)
         normed, x = _add_norm(ops, block.norm2, x, mixed)
-        x = x + _mlp(ops, block.mlp, normed)
+        stream = Stream(x, _mlp(ops, block.mlp, normed))
         normed = None
-    return x
+    return stream
 
 
-def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: MapOutput | None = None) -> Tensor:
+def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: MapOutput | None = None,
+                 normed: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """A reference ``CrossModule`` on tokens: queries from ``xa``, keys, values and residual from ``xb``.
 
+    ``normed``, when given, is the first block's ``(norm1(xa), norm1(xb))``, already computed.
     With ``to_map``, returns ``to_map.plus`` + the module's output, as the map the tokens were cut from.
     """
     first, second, third = xa, xb, xb
     for index, block in enumerate(module.blocks):
         attn = block.attn
-        n0 = _norm(ops, block.norm1, first)
-        n1 = _norm(ops, block.norm1, second)
+        n0, n1 = normed if normed is not None else (_norm(ops, block.norm1, first), _norm(ops, block.norm1, second))
+        normed = None
         q = F.linear(n0, attn.q_linear.weight, attn.q_linear.bias)
         if third is second:  # keys and values read the same normalised tokens: one GEMM
             kv = F.linear(n1, torch.cat([attn.k_linear.weight, attn.v_linear.weight]),
@@ -119,12 +140,12 @@ def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: 
             kv = torch.cat([F.linear(n1, attn.k_linear.weight, attn.k_linear.bias),
                             F.linear(n2, attn.v_linear.weight, attn.v_linear.bias)], dim=-1)
         mixed = F.linear(ops.cross_attention(q, kv, attn.heads, reverse=True), attn.proj.weight, attn.proj.bias)
-        normed, y = _add_norm(ops, block.norm2, third, mixed)
+        normed_mlp, y = _add_norm(ops, block.norm2, third, mixed)
         if to_map is not None and index == len(module.blocks) - 1:
             norm = module.norm
-            return ops.add_layer_norm_to_map(y, _mlp(ops, block.mlp, normed), to_map.plus, norm.weight, norm.bias,
-                                             norm.eps, to_map.height, to_map.width, to_map.window)
-        third, y = _add_norm(ops, module.norm, y, _mlp(ops, block.mlp, normed))
+            return ops.add_layer_norm_to_map(y, _mlp(ops, block.mlp, normed_mlp), to_map.plus, norm.weight,
+                                             norm.bias, norm.eps, to_map.height, to_map.width, to_map.window)
+        third, y = _add_norm(ops, module.norm, y, _mlp(ops, block.mlp, normed_mlp))
         first, second = n0, y
     return third
 
@@ -160,19 +181,22 @@ class FastCrossEncoder(nn.Module):
         ops = OPS[resolve_backend(self.backend, ir.device)]
         encoder = self.reference
         first, second = encoder.self_atten_block1, encoder.self_atten_block2
-        t_ir = _self_module_from_map(ops, first.self_atten1, ir, window)
-        t_vis = _self_module_from_map(ops, first.self_atten2, vis, window)
-        t_ir = self_module(ops, second.self_atten1, t_ir)
-        t_vis = self_module(ops, second.self_atten2, t_vis)
+        ir_stream = self_module(ops, second.self_atten1, _self_module_from_map(ops, first.self_atten1, ir, window))
+        vis_stream = self_module(ops, second.self_atten2, _self_module_from_map(ops, first.self_atten2, vis, window))
         cross = encoder.cross_atten_block
-        fused_ir = cross_module(ops, cross.cross_atten1, t_ir, t_vis)
+        # Both cross modules read both token sets: the first materialises them (adding the pending
+        # residuals while it normalises them), the second reads them.
+        norm1 = cross.cross_atten1.blocks[0].norm1
+        n_ir, t_ir = ir_stream.normalised(ops, norm1)
+        n_vis, t_vis = vis_stream.normalised(ops, norm1)
+        fused_ir = cross_module(ops, cross.cross_atten1, t_ir, t_vis, normed=(n_ir, n_vis))
         return cross_module(ops, cross.cross_atten2, t_vis, t_ir, MapOutput(fused_ir, *ir.shape[-2:], window))
 
 
-def _self_module_from_map(ops: Ops, module: SelfModule, x: Tensor, window: tuple[int, int]) -> Tensor:
+def _self_module_from_map(ops: Ops, module: SelfModule, x: Tensor, window: tuple[int, int]) -> Stream:
     norm = module.blocks[0].norm1
     normed, tokens = ops.layer_norm_from_map(x, norm.weight, norm.bias, norm.eps, window)
-    return self_module(ops, module, tokens, normed)
+    return self_module(ops, module, Stream(tokens), normed)
 
 
 def _check_pair(ir: Tensor, vis: Tensor) -> None:
