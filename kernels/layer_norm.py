@@ -120,10 +120,6 @@ def _layer_norm_bwd_kernel(
     tl.store(DB_PARTIAL + pid * cols + offs, db, mask=mask)
 
 
-def _rows(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
-
-
 def _launch_fwd(x: Tensor, residual: Tensor | None, plus: Tensor | None, weight: Tensor, bias: Tensor,
                 y: Tensor, s: Tensor | None, rows: int, cols: int, eps: float, geometry: tuple[int, ...],
                 x_from_map: bool = False, y_to_map: bool = False) -> tuple[Tensor, Tensor]:
@@ -162,24 +158,29 @@ def _launch_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor
 
 def layer_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor,
                    eps: float) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``(y, s, mean, rstd)`` for ``x`` (and ``residual``) of shape ``[..., N]``; ``s`` is None without residual."""
-    x2 = _rows(x.contiguous())
-    rows, cols = x2.shape
-    y = torch.empty_like(x2)
-    s = torch.empty_like(x2) if residual is not None else None
-    mean, rstd = _launch_fwd(x2, _rows(residual.contiguous()) if residual is not None else None, None, weight,
-                             bias, y, s, rows, cols, eps, DUMMY_GEOMETRY)
-    return y.view(x.shape), s.view(x.shape) if s is not None else None, mean, rstd
+    """``(y, s, mean, rstd)`` for ``x`` (and ``residual``) of shape ``[..., N]``; ``s`` is None without residual.
+
+    Contiguous tensors of any shape are rows of ``N`` to the kernel, so no reshapes (each costs
+    microseconds of host time, which small batches feel).
+    """
+    x = x.contiguous()
+    cols = x.shape[-1]
+    rows = x.numel() // cols if cols else 0
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if residual is not None else None
+    mean, rstd = _launch_fwd(x, residual.contiguous() if residual is not None else None, None, weight, bias, y, s,
+                             rows, cols, eps, DUMMY_GEOMETRY)
+    return y, s, mean, rstd
 
 
 def layer_norm_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor, mean: Tensor,
                    rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(ds, dw, db)``: the gradient of the normalised input (and of ``x`` and ``residual``)."""
-    s2 = _rows(s.contiguous())
-    ds = torch.empty_like(s2)
-    dw, db = _launch_bwd(_rows(grad_y.contiguous()), _rows(grad_s.contiguous()) if grad_s is not None else None,
-                         s2, weight, mean, rstd, ds, None, DUMMY_GEOMETRY)
-    return ds.view(s.shape), dw, db
+    s = s.contiguous()
+    ds = torch.empty_like(s)
+    dw, db = _launch_bwd(grad_y.contiguous(), grad_s.contiguous() if grad_s is not None else None, s, weight, mean,
+                         rstd, ds, None, DUMMY_GEOMETRY)
+    return ds, dw, db
 
 
 def layer_norm_from_map_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
