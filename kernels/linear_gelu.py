@@ -129,6 +129,8 @@ def _backward(ctx, grad_y, grad_pre):
         raise RuntimeError("crossfuse::linear_gelu ran with save_pre=False and cannot give gradients")
     x, weight, bias, pre = ctx.saved_tensors
     grad_z, grad_bias = torch.ops.crossfuse.bias_gelu_backward(grad_y, pre, bias)
+    if grad_pre is not None:  # the pre-activation output x W^T used downstream too
+        grad_z = grad_z + grad_pre
     grad_z2 = grad_z.reshape(-1, grad_z.shape[-1])
     grad_x = (grad_z2 @ weight).view(x.shape)
     grad_weight = grad_z2.t() @ x.reshape(-1, x.shape[-1])

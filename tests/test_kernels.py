@@ -285,6 +285,20 @@ def test_linear_gelu_forward_and_gradients(poisoned_allocations, dtype):
         assert relative_error(g, w) <= 2 * relative_error(lp, w) + 5 * TOLERANCE[dtype], name
 
 
+def test_linear_gelu_op_pre_activation_output_has_gradients():
+    """The registered op also returns ``x W^T`` (saved for the backward): using it downstream adds
+    its gradient to x's and W's."""
+    torch.manual_seed(4)
+    inputs = [torch.randn(*shape, device=DEVICE).half().requires_grad_() for shape in ((5, 16), (8, 16), (8,))]
+    y, pre = torch.ops.crossfuse.linear_gelu(*inputs, True)
+    got = torch.autograd.grad(y.float().sum() + (pre.float() ** 2).sum(), inputs)
+    x, weight, bias = (t.detach().double().requires_grad_() for t in inputs)
+    pre64 = x @ weight.t()
+    want = torch.autograd.grad(torch.nn.functional.gelu(pre64 + bias).sum() + (pre64 ** 2).sum(), (x, weight, bias))
+    for name, g, w in zip(("x", "weight", "bias"), got, want):
+        assert relative_error(g, w) < TOLERANCE[torch.float16], name
+
+
 def _small_inputs():
     torch.manual_seed(11)
     return (torch.randn(2, 5, 16, device=DEVICE, requires_grad=True),
