@@ -22,6 +22,7 @@ fp32 dots use ``input_precision="ieee"`` so the interpreter and a GPU agree.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -209,6 +210,7 @@ class Tiles:
     num_stages: int = 2
 
 
+@functools.cache
 def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     """Deterministic tiles (no autotuning, so runs repeat); ``bench/attention_tiles.py`` sweeps them.
 
@@ -220,6 +222,7 @@ def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     return Tiles(64, 64 if head_dim <= 64 else 32)
 
 
+@functools.cache
 def backward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     """Backward tiles (the same for the dK/dV and the dQ kernel): 64 x 64, 64 x 32 for wide heads.
 
@@ -258,14 +261,22 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
         _check(name, x, None if name == "q" else q)
     batch, heads, tokens, head_dim = q.shape
+    return _launch_fwd(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3], batch, heads,
+                       tokens, head_dim, reverse, scale, tiles)
+
+
+def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_strides: tuple[int, ...], k_strides: tuple[int, ...],
+                v_strides: tuple[int, ...], out_strides: tuple[int, ...], batch: int, heads: int, tokens: int,
+                head_dim: int, reverse: bool, scale: float, tiles: Tiles | None = None) -> Tensor:
+    """The forward launch on operands given as a tensor whose data starts at (batch 0, head 0, token 0)
+    and ``[batch, head, token]`` strides: the packed ops pass their projections this way, with no
+    per-head views to build (each costs host time that small batches feel)."""
     tiles = tiles or forward_tiles(head_dim, q.dtype)
     lse = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(tokens, tiles.block_m), batch * heads)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        heads, tokens, scale, HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        IS_REVERSE=reverse, INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+    _attention_fwd_kernel[(triton.cdiv(tokens, tiles.block_m), batch * heads)](
+        q, k, v, out, lse, *q_strides, *k_strides, *v_strides, *out_strides, heads, tokens, scale,
+        HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, IS_REVERSE=reverse,
+        INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return lse
 
 
@@ -321,9 +332,14 @@ def _unit_last_stride(x: Tensor) -> Tensor:
 # is a second op. Heads are split and merged by strides inside the kernels, never by copies.
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check(name, x, None if name == "q" else q)
     batch, heads, tokens, head_dim = q.shape
-    out = torch.empty(batch, tokens, heads * head_dim, device=q.device, dtype=q.dtype)
-    lse = attention_fwd(q, k, v, _merged_view(out, heads), reverse=reverse, scale=scale)
+    channels = heads * head_dim
+    out = torch.empty(batch, tokens, channels, device=q.device, dtype=q.dtype)
+    out_strides = (tokens * channels, head_dim, channels)  # [B, H, N, D] view of the merged [B, N, H * D]
+    lse = _launch_fwd(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out_strides, batch, heads,
+                      tokens, head_dim, reverse, scale)
     return out, lse
 
 
@@ -367,11 +383,24 @@ def _attention_backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+def _packed_head_dim(columns: int, parts: int, heads: int) -> int:
+    if columns % (parts * heads):
+        raise ValueError(f"{columns} features do not split into {parts} x {heads} heads")
+    head_dim = columns // (parts * heads)
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two in 16..128, got {head_dim}")
+    return head_dim
+
+
 def _self_attention_impl(qkv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
     batch, tokens, columns = qkv.shape
-    q, k, v = _split_heads(qkv, 3, heads)
-    out = torch.empty(batch, tokens, columns // 3, device=qkv.device, dtype=qkv.dtype)
-    lse = attention_fwd(q, k, v, _merged_view(out, heads), reverse=reverse, scale=scale)
+    head_dim = _packed_head_dim(columns, 3, heads)
+    channels = columns // 3
+    out = torch.empty(batch, tokens, channels, device=qkv.device, dtype=qkv.dtype)
+    strides = (qkv.stride(0), head_dim, qkv.stride(1))
+    lse = _launch_fwd(qkv, qkv.narrow(-1, channels, channels), qkv.narrow(-1, 2 * channels, channels), out,
+                      strides, strides, strides, (tokens * channels, head_dim, channels), batch, heads, tokens,
+                      head_dim, reverse, scale)
     return out, lse
 
 
@@ -416,10 +445,16 @@ _self_attention_op.register_autograd(_self_attention_backward, setup_context=_se
 
 def _cross_attention_impl(q: Tensor, kv: Tensor, heads: int, reverse: bool,
                           scale: float) -> tuple[Tensor, Tensor]:
-    (q4,) = _split_heads(q, 1, heads)
-    k4, v4 = _split_heads(kv, 2, heads)
+    batch, tokens, channels = q.shape
+    head_dim = _packed_head_dim(channels, 1, heads)
+    if kv.shape != (batch, tokens, 2 * channels) or kv.dtype != q.dtype:
+        raise ValueError(f"kv must be [{batch}, {tokens}, {2 * channels}] {q.dtype} for q {tuple(q.shape)}, "
+                         f"got {tuple(kv.shape)} {kv.dtype}")
     out = torch.empty_like(q)
-    lse = attention_fwd(q4, k4, v4, _merged_view(out, heads), reverse=reverse, scale=scale)
+    kv_strides = (kv.stride(0), head_dim, kv.stride(1))
+    lse = _launch_fwd(q, kv, kv.narrow(-1, channels, channels), out, (q.stride(0), head_dim, q.stride(1)),
+                      kv_strides, kv_strides, (tokens * channels, head_dim, channels), batch, heads, tokens, head_dim,
+                      reverse, scale)
     return out, lse
 
 
