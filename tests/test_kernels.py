@@ -345,6 +345,21 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(ir, vis), encode(ir, vis), rtol=1e-5, atol=1e-5)
 
 
+def test_compile_fullgraph_fused_fc1_in_16_bits():
+    """The fused GEMM + GELU op (16-bit only) under ``torch.compile(fullgraph=True)``, with its backward."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 9, 64, device=DEVICE).half().requires_grad_()
+    weight = (torch.randn(96, 64, device=DEVICE) * 0.125).half().requires_grad_()
+    bias = torch.randn(96, device=DEVICE).half().requires_grad_()
+    compiled = torch.compile(kernels.linear_gelu, fullgraph=True)
+    got, want = compiled(x, weight, bias), kernels.linear_gelu(x, weight, bias)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    inputs = (x, weight, bias)
+    for g, w in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("backend,window", [("torch", (32, 32)), ("triton", (10, 6))])
 def test_fast_cross_encoder_equals_reference(backend, window):
     """Self blocks, shift, cross blocks: the fused path against the reference, forward and gradients."""
