@@ -27,7 +27,7 @@ from .report import append_rows, write_report
 from .timing import Timer, peak_memory
 
 HERE = Path(__file__).parent
-PROVIDERS = ("eager", "compile", "compile-graphs", "released", "sdpa", "fast-torch", "fast-triton",
+PROVIDERS = ("eager", "compile", "compile-graphs", "released", "api", "sdpa", "fast-torch", "fast-triton",
              "fast-triton-graphs", "triton")
 
 

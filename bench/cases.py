@@ -9,6 +9,8 @@ Providers (each added as it exists):
   one 32 x 32 window at a time in a Python loop, with the roll. Only where that differs from
   ``eager`` (fusion end to end, the cross encoder).
 - ``sdpa``: ``scaled_dot_product_attention`` on negated queries (attention alone).
+- ``api``: ``fuse()`` as users call it (reference backend; on a CPU it runs a batch's images
+  one at a time), for the end-to-end cases.
 - ``compile-graphs`` / ``fast-triton-graphs``: ``torch.compile(mode="reduce-overhead")`` of the
   reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
   and launch overhead are gone (the cross encoder, on a GPU only).
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from crossfuse_fast import CrossFuse, kernels
+from crossfuse_fast import CrossFuse, fuse, kernels
 from crossfuse_fast.fast import FastCrossEncoder, FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
@@ -144,6 +146,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 min_bytes=3 * tensor_bytes(shapes[0]) + weights_bytes, make_inputs=make,
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
                                 "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis)),
+                                "api": lambda ir, vis: fuse(ir, vis, model=model),
                                 "fast-torch": _inference(_fast_fuse(model, "torch")),
                                 **({"fast-triton": _inference(_fast_fuse(model, "triton"))} if on_gpu else {})}),
                 quick=batch == 1 and height <= 480, notes=f"{windows} windows"))

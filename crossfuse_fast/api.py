@@ -20,7 +20,8 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
     """Fuse infrared and visible images with CrossFuse.
 
     Torch tensors ``[B, 1, H, W]``, float on 0..255, give the fused ``[B, 1, H, W]`` float on
-    0..255, unrounded, on the input's device. Any batch size and any ``H, W >= 8`` work.
+    0..255, unrounded, on the input's device. Any batch size and any ``H, W >= 8`` work; on a
+    CPU the images of a batch run one at a time (faster there), on a GPU all at once.
 
     Numpy images give a numpy image, ``uint8``, rounded to nearest:
 
@@ -78,15 +79,21 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     if ir.shape != vis.shape:
         raise ValueError(f"ir and vis differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
     parameter = next(model.parameters())
+    device = ir.device
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             fusion = _fast_fusion(model) if backend == "fast" else None
-            fused = model(ir.to(parameter), vis.to(parameter), fusion=fusion)
+            ir, vis = ir.to(parameter), vis.to(parameter)
+            # A CPU runs the full-resolution convolutions of a batch slower than its images one
+            # by one (480 x 640, 8 images, 2 cores: 30 s at once, 12-15 s one by one).
+            chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
+            fused = torch.cat([model(ir[start:start + chunk], vis[start:start + chunk], fusion=fusion)
+                               for start in range(0, ir.shape[0], chunk)])
     finally:
         model.train(was_training)
-    return fused.to(ir.device)
+    return fused.to(device)
 
 
 def _fast_fusion(model: CrossFuse) -> torch.nn.Module:
