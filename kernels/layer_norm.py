@@ -120,6 +120,17 @@ def _layer_norm_bwd_kernel(
     tl.store(DB_PARTIAL + pid * cols + offs, db, mask=mask)
 
 
+def _check_operands(features: int, weight: Tensor, bias: Tensor, like: Tensor, **tokens: Tensor | None) -> None:
+    """The kernels index these by the same row and feature offsets: a shorter one would be read
+    past its end, so mismatches are refused here."""
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param.shape != (features,):
+            raise ValueError(f"{name} must have shape ({features},) for {features} features, got {tuple(param.shape)}")
+    for name, tensor in tokens.items():
+        if tensor is not None and tensor.shape != like.shape:
+            raise ValueError(f"{name} must have the shape of x, {tuple(like.shape)}, got {tuple(tensor.shape)}")
+
+
 def _launch_fwd(x: Tensor, residual: Tensor | None, plus: Tensor | None, weight: Tensor, bias: Tensor,
                 y: Tensor, s: Tensor | None, rows: int, cols: int, eps: float, geometry: tuple[int, ...],
                 x_from_map: bool = False, y_to_map: bool = False) -> tuple[Tensor, Tensor]:
@@ -165,6 +176,7 @@ def layer_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
     """
     x = x.contiguous()
     cols = x.shape[-1]
+    _check_operands(cols, weight, bias, x, residual=residual)
     rows = x.numel() // cols if cols else 0
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
@@ -189,6 +201,7 @@ def layer_norm_from_map_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     of patches (:mod:`.windows`), read by address from ``x`` in any strides."""
     grid = WindowGrid.of(x.shape, window)
     tokens = x.new_empty(grid.token_shape)
+    _check_operands(tokens.shape[-1], weight, bias, tokens)
     normed = torch.empty_like(tokens)
     rows, _, cols = tokens.shape
     rows *= tokens.shape[1]
@@ -214,6 +227,7 @@ def add_layer_norm_to_map_fwd(x: Tensor, residual: Tensor, plus: Tensor, weight:
     """``(map, s, mean, rstd)``: ``s = x + residual`` and ``LayerNorm(s) + plus`` written straight into
     a ``[B, C, height, width]`` map (windows put back, padding cropped)."""
     grid = WindowGrid.of_tokens(x, height, width, window)
+    _check_operands(x.shape[-1], weight, bias, x, residual=residual, plus=plus)
     x, residual, plus = x.contiguous(), residual.contiguous(), plus.contiguous()
     y = x.new_empty(grid.batch, grid.channels, height, width)
     s = torch.empty_like(x)

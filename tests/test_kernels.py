@@ -239,6 +239,25 @@ def test_layer_norms_at_the_map_ends(poisoned_allocations, shape, window, channe
         assert relative_error(h, w) < 5 * TOLERANCE[torch.float32], name
 
 
+def test_norm_and_gelu_ops_name_mismatched_operands():
+    """The kernels index every operand by the same offsets, so a short one must be refused, not read past."""
+    x, short = torch.randn(3, 8, device=DEVICE), torch.randn(6, device=DEVICE)
+    ones = torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        kernels.layer_norm(x, short, ones, 1e-6)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        kernels.add_layer_norm(x, x, ones, short, 1e-6)
+    with pytest.raises(ValueError, match=r"residual must have the shape of x, \(3, 8\)"):
+        kernels.add_layer_norm(x, x[:2], ones, ones, 1e-6)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kernels.bias_gelu(x, short)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernels.layer_norm_from_map(torch.randn(1, 2, 4, 4, device=DEVICE), ones[:6], ones[:6], 1e-6, (4, 4))
+    tokens = torch.randn(1, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="plus must have the shape of x"):
+        kernels.add_layer_norm_to_map(tokens, tokens, tokens[:, :2], ones, ones, 1e-6, 4, 4, (4, 4))
+
+
 def test_map_ops_name_a_bad_geometry():
     weight = torch.ones(8)
     with pytest.raises(ValueError, match="multiples of 2"):
