@@ -4,7 +4,7 @@
 tiles (``triton.testing.do_bench`` median) with their ratio to SDPA's forward, then the
 backward tiles against SDPA's backward, to choose ``forward_tiles`` and ``backward_tiles``.
 Not a results file: the harness (``python -m bench``) records the numbers that count.
-``--backward-only`` / ``--forward-only`` halve the run; the backward sweep is 108 tiles per
+``--backward-only`` / ``--forward-only`` halve the run; the backward sweep is 54 tiles per
 case, so give it a long time limit (``python -m bench.gpu_compile`` shows, without a GPU,
 which tiles spill registers).
 """
@@ -20,6 +20,9 @@ import triton
 from crossfuse_fast.kernels.attention import Tiles, attention_bwd, attention_fwd, default_scale
 
 HEADS, TOKENS, HEAD_DIM = 16, 256, 32
+FORWARD_TILES = [Tiles(*shape) for shape in itertools.product((32, 64, 128), (32, 64), (2, 4, 8), (1, 2, 3))]
+BACKWARD_TILES = [Tiles(*shape) for shape in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3))]
+"""The tiles each sweep times (``bench.gpu_compile --attention-tiles`` compiles the same ones)."""
 WINDOWS = (6, 48, 384)
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -43,9 +46,8 @@ def sweep_forward(dtype: torch.dtype, windows: int) -> None:
     q, k, v = (torch.randn(windows, HEADS, TOKENS, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3))
     out = torch.empty_like(q)
     sdpa = _time(lambda: F.scaled_dot_product_attention(-q, k, v))
-    configs = [Tiles(m, n, w, s) for m, n, w, s in itertools.product((32, 64, 128), (32, 64), (2, 4, 8), (1, 2, 3))]
     results = []
-    for tiles in configs:
+    for tiles in FORWARD_TILES:
         ms = _time(lambda tiles=tiles: attention_fwd(q, k, v, out, reverse=True, scale=default_scale(HEAD_DIM),
                                                      tiles=tiles))
         if ms is not None:
@@ -64,8 +66,7 @@ def sweep_backward(dtype: torch.dtype, windows: int) -> None:
     lse = attention_fwd(q, k, v, out, reverse=True, scale=default_scale(HEAD_DIM))
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     results = []
-    for tiles in (Tiles(m, n, w, s) for m, n, w, s in itertools.product((32, 64, 128), (32, 64, 128), (4, 8),
-                                                                          (1, 2, 3))):
+    for tiles in BACKWARD_TILES:
         ms = _time(lambda tiles=tiles: attention_bwd(grad, q, k, v, out, lse, dq, dk, dv, reverse=True,
                                                      scale=default_scale(HEAD_DIM), tiles=tiles))
         if ms is not None:

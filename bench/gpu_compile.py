@@ -9,7 +9,7 @@ registers, the stack (register spills) and the shared memory from the cubin.
 
     python -m bench.gpu_compile                   # every kernel of the fast encoder, forward and backward
     python -m bench.gpu_compile --json            # the same rows as JSON (tests/test_kernels_compile.py)
-    python -m bench.gpu_compile --attention-tiles # each attention tile choice's registers and spills (minutes)
+    python -m bench.gpu_compile --attention-tiles # registers and spills of each tile bench.attention_tiles times
 
 Run it without ``TRITON_INTERPRET``: kernels defined under the interpreter cannot be compiled.
 Only kernels' compilation is checked here; their numbers are checked by the tests, their speed
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import subprocess
@@ -35,8 +34,10 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 from crossfuse_fast.fast import FastCrossEncoder
-from crossfuse_fast.kernels.attention import Tiles, attention_bwd, attention_fwd
+from crossfuse_fast.kernels.attention import attention_bwd, attention_fwd
 from crossfuse_fast.reference.transformer import CrossEncoder
+
+from .attention_tiles import BACKWARD_TILES, FORWARD_TILES, HEAD_DIM, HEADS, TOKENS
 
 HOPPER = GPUTarget("cuda", 90, 32)
 """H100 and H200."""
@@ -140,13 +141,13 @@ def fast_encoder_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resou
 def attention_tile_resources(dtypes=(torch.float32, torch.bfloat16)) -> Iterator[tuple[str, object, Resources]]:
     """``(direction, tiles, resources)`` of the attention kernels for every tile choice that
     ``bench.attention_tiles`` times on a GPU, at the model's heads (16 of 32, 256 tokens)."""
-    shapes = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)))
     for dtype in dtypes:
         case = str(dtype).removeprefix("torch.")
-        q, k, v, grad = (torch.randn(2, 16, 256, 32, dtype=dtype) for _ in range(4))
-        out, lse = torch.empty_like(q), torch.zeros(32, 256)
+        q, k, v, grad = (torch.randn(2, HEADS, TOKENS, HEAD_DIM, dtype=dtype) for _ in range(4))
+        out, lse = torch.empty_like(q), torch.zeros(2 * HEADS, TOKENS)
         grads = [torch.empty_like(q) for _ in range(3)]
-        for direction, tiles in itertools.product(("forward", "backward"), (Tiles(*shape) for shape in shapes)):
+        sweeps = [("forward", tiles) for tiles in FORWARD_TILES] + [("backward", tiles) for tiles in BACKWARD_TILES]
+        for direction, tiles in sweeps:
             with compile_only() as launches:
                 if direction == "forward":
                     attention_fwd(q, k, v, out, reverse=True, scale=0.125, tiles=tiles)

@@ -166,10 +166,7 @@ class FastCrossEncoder(nn.Module):
         ``shift`` is accepted for the reference's signature; the roll is a token permutation.
         """
         _check_pair(ir, vis)
-        height, width = ir.shape[-2:]
-        if height % PATCH or width % PATCH:
-            raise ValueError(f"window sides must be multiples of {PATCH}, got {height} x {width}")
-        return self._run(ir, vis, (height, width))
+        return self._run(ir, vis, tuple(ir.shape[-2:]))  # the window grid refuses odd sides
 
     def fuse_deep(self, ir_deep: Tensor, vis_deep: Tensor) -> Tensor:
         """``FusionNet.fuse_deep`` (SPEC 2.1): deep maps ``[B, 128, h, w]`` of any size, each cut into

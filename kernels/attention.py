@@ -36,12 +36,18 @@ from .dispatch import direct_call
 
 
 @triton.jit
-def _signed_scale(scale, IS_REVERSE: tl.constexpr):
-    """The softmax scale with the reversal's sign, pinned to fp32 (Inductor may pass fp64)."""
-    signed = tl.cast(scale, tl.float32)
+def _program_head(heads, scale, IS_REVERSE: tl.constexpr):
+    """``(pid_bh, batch, head, signed_scale, qk_scale)`` of this program (grid axis 1 is batch x heads).
+
+    ``signed_scale`` is the softmax scale with the reversal's sign, pinned to fp32 (Inductor may
+    pass fp64); ``qk_scale`` also folds in log2(e), so scores are in base 2:
+    ``exp2(s) == exp(sign * scale * q.k)``.
+    """
+    pid_bh = tl.program_id(1)
+    signed_scale = tl.cast(scale, tl.float32)
     if IS_REVERSE:
-        signed = -signed
-    return signed
+        signed_scale = -signed_scale
+    return pid_bh, pid_bh // heads, pid_bh % heads, signed_scale, signed_scale * 1.4426950408889634
 
 
 @triton.jit
@@ -74,11 +80,7 @@ def _attention_fwd_kernel(
     IS_REVERSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    # Scores in base 2 with the sign folded in: exp2(s) == exp(sign * scale * q.k).
-    qk_scale = _signed_scale(scale, IS_REVERSE) * 1.4426950408889634
+    pid_bh, batch, head, _, qk_scale = _program_head(heads, scale, IS_REVERSE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -134,11 +136,7 @@ def _attention_bwd_dkdv_kernel(
     IS_REVERSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    signed_scale = _signed_scale(scale, IS_REVERSE)
-    qk_scale = signed_scale * 1.4426950408889634
+    pid_bh, batch, head, signed_scale, qk_scale = _program_head(heads, scale, IS_REVERSE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -174,11 +172,7 @@ def _attention_bwd_dq_kernel(
     IS_REVERSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    signed_scale = _signed_scale(scale, IS_REVERSE)
-    qk_scale = signed_scale * 1.4426950408889634
+    pid_bh, batch, head, signed_scale, qk_scale = _program_head(heads, scale, IS_REVERSE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -234,14 +228,17 @@ def backward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     return Tiles(64, block_n, 8, 1) if dtype == torch.float32 else Tiles(64, block_n, 4, 3)
 
 
+def _check_head_dim(head_dim: int, context: str = "") -> None:
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        raise ValueError(f"{context}head_dim must be a power of two in 16..128, got {head_dim}")
+
+
 def _check(name: str, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
     if x.ndim != 4:
         raise ValueError(f"{name} must be [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
         raise ValueError(f"{name} must have a unit stride over head_dim")
-    head_dim = x.shape[-1]
-    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
-        raise ValueError(f"{name}: head_dim must be a power of two in 16..128, got {head_dim}")
+    _check_head_dim(x.shape[-1], f"{name}: ")
     if reference is not None and (x.shape != reference.shape or x.dtype != reference.dtype):
         raise ValueError(f"{name} must match q in shape and dtype: {tuple(x.shape)} {x.dtype} vs "
                          f"{tuple(reference.shape)} {reference.dtype}")
@@ -387,8 +384,7 @@ def _packed_head_dim(columns: int, parts: int, heads: int) -> int:
     if columns % (parts * heads):
         raise ValueError(f"{columns} features do not split into {parts} x {heads} heads")
     head_dim = columns // (parts * heads)
-    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two in 16..128, got {head_dim}")
+    _check_head_dim(head_dim)
     return head_dim
 
 

@@ -42,7 +42,8 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, numel, cols, BLOCK: tl.constexpr):
 
 def bias_gelu_fwd(x: Tensor, bias: Tensor) -> Tensor:
     if bias.shape != x.shape[-1:]:
-        raise ValueError(f"bias must have shape ({x.shape[-1]},) for x of shape {tuple(x.shape)}, got {tuple(bias.shape)}")
+        raise ValueError(f"bias must have shape ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(bias.shape)}")
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():

@@ -131,6 +131,11 @@ def _check_operands(features: int, weight: Tensor, bias: Tensor, like: Tensor, *
             raise ValueError(f"{name} must have the shape of x, {tuple(like.shape)}, got {tuple(tensor.shape)}")
 
 
+def _rows_and_features(tokens: Tensor) -> tuple[int, int]:
+    features = tokens.shape[-1]
+    return (tokens.numel() // features if features else 0), features
+
+
 def _launch_fwd(x: Tensor, residual: Tensor | None, plus: Tensor | None, weight: Tensor, bias: Tensor,
                 y: Tensor, s: Tensor | None, rows: int, cols: int, eps: float, geometry: tuple[int, ...],
                 x_from_map: bool = False, y_to_map: bool = False) -> tuple[Tensor, Tensor]:
@@ -150,7 +155,7 @@ def _launch_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor
                 ds: Tensor, grad_y_tokens: Tensor | None, geometry: tuple[int, ...],
                 dy_from_map: bool = False, ds_to_map: bool = False) -> tuple[Tensor, Tensor]:
     """``ds`` (and ``grad_y_tokens``) written; returns ``(dw, db)`` summed over the programs' partials."""
-    rows, cols = s.numel() // s.shape[-1], s.shape[-1]
+    rows, cols = _rows_and_features(s)
     programs = max(1, triton.cdiv(rows, ROWS_PER_PROGRAM))
     dw_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
     db_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
@@ -175,9 +180,8 @@ def layer_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
     microseconds of host time, which small batches feel).
     """
     x = x.contiguous()
-    cols = x.shape[-1]
+    rows, cols = _rows_and_features(x)
     _check_operands(cols, weight, bias, x, residual=residual)
-    rows = x.numel() // cols if cols else 0
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
     mean, rstd = _launch_fwd(x, residual.contiguous() if residual is not None else None, None, weight, bias, y, s,
@@ -203,8 +207,7 @@ def layer_norm_from_map_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
     tokens = x.new_empty(grid.token_shape)
     _check_operands(tokens.shape[-1], weight, bias, tokens)
     normed = torch.empty_like(tokens)
-    rows, _, cols = tokens.shape
-    rows *= tokens.shape[1]
+    rows, cols = _rows_and_features(tokens)
     mean, rstd = _launch_fwd(x, None, None, weight, bias, normed, tokens, rows, cols, eps, grid.kernel_args(x),
                              x_from_map=True)
     return normed, tokens, mean, rstd
@@ -231,7 +234,7 @@ def add_layer_norm_to_map_fwd(x: Tensor, residual: Tensor, plus: Tensor, weight:
     x, residual, plus = x.contiguous(), residual.contiguous(), plus.contiguous()
     y = x.new_empty(grid.batch, grid.channels, height, width)
     s = torch.empty_like(x)
-    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    rows, cols = _rows_and_features(x)
     mean, rstd = _launch_fwd(x, residual, plus, weight, bias, y, s, rows, cols, eps, grid.kernel_args(y),
                              y_to_map=True)
     return y, s, mean, rstd
