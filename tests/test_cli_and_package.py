@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from crossfuse_fast.cli import main
+from crossfuse_fast.fast import FastFusionNet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,16 +50,21 @@ def test_fuse_one_pair_and_refuse_to_overwrite(trained, capsys):
     assert main([*args, "--overwrite"]) == 0
 
 
-def test_fuse_and_train_with_the_fast_backend(trained):
+def test_fuse_and_train_with_the_fast_backend(trained, monkeypatch):
+    calls = []
+    forward = FastFusionNet.forward
+    monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     pair = ["--ir", str(trained / "pairs/ir/0001.png"), "--vis", str(trained / "pairs/vis/0001.png")]
     for backend in ("reference", "fast"):
         out = trained / f"fused_{backend}.png"
         assert main(["fuse", *pair, "--out", str(out), "--backend", backend, *weights(trained)]) == 0
+        assert len(calls) == (backend == "fast"), backend
     reference, fast = (cv2.imread(str(trained / f"fused_{b}.png"), cv2.IMREAD_UNCHANGED) for b in ("reference", "fast"))
     assert np.abs(fast.astype(int) - reference.astype(int)).max() <= 1
     assert main(["train-fusion", "--synthetic", "2", "--size", "64", "--batch-size", "2", "--epochs", "1",
                  "--max-steps", "1", "--backend", "fast", *weights(trained)[:4], "--out", str(trained / "fast")]) == 0
     assert (trained / "fast" / "fusion_epoch1.model").exists()
+    assert len(calls) > 1, "train-fusion --backend fast trained without the fast fusion network"
 
 
 def test_fuse_folders(trained):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import fuse
+from crossfuse_fast.fast import FastFusionNet
 from crossfuse_fast.synthetic import synthetic_batch, synthetic_pair
 
 
@@ -70,6 +71,18 @@ def test_fast_backend_is_the_reference_up_to_rounding(model, shape):
     fast = fuse(ir, vis, model=model, backend="fast")
     assert fast.dtype == torch.float32 and fast.shape == shape
     assert (fast - exact).abs().max().item() <= 2 * reference_error + 1e-3
+
+
+def test_fast_backend_runs_the_fast_fusion_network(model, monkeypatch):
+    """The parity tests above would also pass if ``backend="fast"`` ran the reference: check it does not."""
+    calls = []
+    forward = FastFusionNet.forward
+    monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    ir, vis = torch.rand(2, 1, 16, 16) * 255, torch.rand(2, 1, 16, 16) * 255
+    fuse(ir, vis, model=model)
+    assert not calls
+    fuse(ir, vis, model=model, backend="fast")
+    assert len(calls) == 2  # a CPU runs the batch's images one at a time
 
 
 def test_fast_backend_on_images(model):

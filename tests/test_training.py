@@ -173,12 +173,16 @@ def test_fast_backend_gives_the_reference_loss_and_gradients():
     assert worst(fast) <= 2 * worst(reference) + 1e-6
 
 
-def test_train_fusion_fast_backend(tmp_path):
+def test_train_fusion_fast_backend(tmp_path, monkeypatch):
+    calls = []
+    forward = FastFusionNet.forward
+    monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     logs = []
     fusion = train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path, epochs=1, batch_size=2,
                           max_steps=1, backend="fast", log=logs.append)
     assert isinstance(fusion, FusionNet) and (tmp_path / "fusion_epoch1.model").exists()
     assert any(line.startswith("fusion epoch 1 step 1 loss") for line in logs)
+    assert calls, "backend='fast' trained without the fast fusion network"
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path / "other", epochs=1,
                      backend="triton")
