@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from einops import rearrange
 from torch import Tensor
 
-from ..reference.functional import PATCH, reflect_pad_extended
+from ..reference.functional import PATCH, from_windows, patchify, to_windows, unpatchify
 
 
 @dataclass(frozen=True)
@@ -131,20 +130,15 @@ DUMMY_GEOMETRY = (0, 0, 0, 0, 1, 1, PATCH, PATCH, 1, 1)
 
 
 def map_to_tokens(x: Tensor, window: tuple[int, int]) -> Tensor:
-    """The PyTorch twin of a windowed read: pad, cut into windows, patchify (copies)."""
-    grid = WindowGrid.of(x.shape, window)
-    _, _, padded_height, padded_width = grid.padded_shape
-    x = reflect_pad_extended(x, 0, padded_width - grid.width, 0, padded_height - grid.height)
-    return rearrange(x, "b c (nh h p1) (nw w p2) -> (b nh nw) (h w) (c p1 p2)", p1=PATCH, p2=PATCH,
-                     h=grid.window_height // PATCH, w=grid.window_width // PATCH)
+    """The PyTorch twin of a windowed read: the reference's pad, windows and patches (copies)."""
+    WindowGrid.of(x.shape, window)
+    return patchify(to_windows(x, window))
 
 
 def tokens_to_map(tokens: Tensor, height: int, width: int, window: tuple[int, int]) -> Tensor:
-    """The PyTorch twin of a windowed write: un-patchify, put the windows back, crop."""
+    """The PyTorch twin of a windowed write: the reference's un-patchify, windows put back, crop."""
     grid = WindowGrid.of_tokens(tokens, height, width, window)
-    x = rearrange(tokens, "(b nh nw) (h w) (c p1 p2) -> b c (nh h p1) (nw w p2)", p1=PATCH, p2=PATCH,
-                  b=grid.batch, nw=grid.windows_per_row, h=grid.window_height // PATCH)
-    return x[:, :, :height, :width]
+    return from_windows(unpatchify(tokens, *window), grid.batch, height, width)
 
 
 def mirrored_indices(size: int, padded: int, device: torch.device) -> Tensor:

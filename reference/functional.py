@@ -96,21 +96,22 @@ def match_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="reflect")
 
 
-def to_windows(x: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B * nh * nw, C, window, window]``, windows row-major per image.
+def to_windows(x: torch.Tensor, window: int | tuple[int, int] = WINDOW) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B * nh * nw, C, wh, ww]``, windows row-major per image.
 
-    The map is reflection-padded on the bottom and right to multiples of ``window``
-    (SPEC 2.1), with :func:`reflect_pad_extended` so maps of 16 pixels or less work too.
+    The map is reflection-padded on the bottom and right to multiples of the window (``window``
+    x ``window`` unless given as ``(wh, ww)``), SPEC 2.1, with :func:`reflect_pad_extended` so
+    maps of 16 pixels or less work too.
     """
+    window_height, window_width = (window, window) if isinstance(window, int) else window
     height, width = x.shape[-2:]
-    x = reflect_pad_extended(x, 0, -width % window, 0, -height % window)
-    return rearrange(x, "b c (nh h) (nw w) -> (b nh nw) c h w", h=window, w=window)
+    x = reflect_pad_extended(x, 0, -width % window_width, 0, -height % window_height)
+    return rearrange(x, "b c (nh h) (nw w) -> (b nh nw) c h w", h=window_height, w=window_width)
 
 
 def from_windows(windows: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`to_windows`: put the windows back and crop to ``height x width``."""
-    window = windows.shape[-1]
-    x = rearrange(windows, "(b nh nw) c h w -> b c (nh h) (nw w)", b=batch, nh=-(-height // window))
+    x = rearrange(windows, "(b nh nw) c h w -> b c (nh h) (nw w)", b=batch, nh=-(-height // windows.shape[-2]))
     return x[:, :, :height, :width]
 
 

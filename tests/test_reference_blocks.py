@@ -104,6 +104,18 @@ def test_windows_row_major_and_round_trip():
     assert torch.equal(from_windows(windows, 2, 37, 51), x)
 
 
+def test_rectangular_windows_row_major_and_round_trip():
+    """``(wh, ww)`` windows (the fast encoder's own windows need not be square)."""
+    x = torch.randn(2, 3, 9, 10)
+    windows = to_windows(x, (4, 6))
+    assert windows.shape == (2 * 3 * 2, 3, 4, 6)
+    padded = F.pad(x, (0, 2, 0, 3), mode="reflect")
+    assert torch.equal(windows[3], padded[0, :, 4:8, 6:12])
+    assert torch.equal(windows[6 + 4], padded[1, :, 8:12, 0:6])
+    assert torch.equal(from_windows(windows, 2, 9, 10), x)
+    assert torch.equal(to_windows(x, (32, 32)), to_windows(x))
+
+
 def test_extended_reflection_equals_reflection_where_that_exists_and_mirrors_beyond():
     x = torch.randn(1, 2, 20, 9)
     torch.testing.assert_close(reflect_pad_extended(x, 3, 8, 0, 19), F.pad(x, (3, 8, 0, 19), mode="reflect"),
