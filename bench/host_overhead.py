@@ -11,6 +11,7 @@ minus the driver's launch itself, on any machine.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 import time
 
 import torch
@@ -22,7 +23,7 @@ from .gpu_compile import compile_only
 WINDOWS, TOKENS, HEADS, HEAD_DIM, DIM = 6, 256, 16, 32, 512
 
 
-def op_calls() -> dict[str, callable]:
+def op_calls() -> dict[str, Callable[[], object]]:
     """One call of each op at the 6-window shapes of the cross encoder (inference)."""
     q, k, v = (torch.randn(WINDOWS, HEADS, TOKENS, HEAD_DIM) for _ in range(3))
     qkv = torch.randn(WINDOWS, TOKENS, 3 * DIM)
