@@ -11,8 +11,8 @@ minus the driver's launch itself, on any machine.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 
 import torch
 
