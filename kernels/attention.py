@@ -196,7 +196,7 @@ def _attention_bwd_dq_kernel(
 
 @dataclass(frozen=True)
 class Tiles:
-    """Launch shape of the forward kernel: query rows and key columns per tile, warps, stages."""
+    """Launch shape of an attention kernel: query rows and key columns per tile, warps, stages."""
 
     block_m: int
     block_n: int

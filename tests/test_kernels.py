@@ -6,6 +6,8 @@ Low-precision cases use the three-way check: the kernel's error against the fp64
 must stay within twice PyTorch's own error in that dtype, plus a floor from the table.
 """
 import copy
+import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ TOLERANCE = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 INTERPRETER_DTYPES = [torch.float32, torch.float16]  # Triton 3.9's interpreter computes bf16 dots wrongly
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 runs on the GPU machine only")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The module, not the function of the same name that the kernels package exports.
+attention_module = importlib.import_module("crossfuse_fast.kernels.attention")
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> float:
@@ -72,9 +76,9 @@ def test_attention_launchers_fp32(shape, reverse):
 
 @pytest.mark.parametrize("tiles", [Tiles(32, 64), Tiles(128, 32), Tiles(16, 16)],
                          ids=lambda t: f"{t.block_m}x{t.block_n}")
-def test_attention_backward_at_other_tiles(tiles):
+def test_attention_backward_at_other_tiles(tiles, monkeypatch):
     """The backward's tiles are a launch choice (``bench.attention_tiles`` sweeps them): every size
-    gives the same gradients, tails included."""
+    gives the same gradients, tails included, and the kernels are launched at the tiles asked for."""
     torch.manual_seed(9)
     q, k, v, grad = (torch.randn(2, 3, 50, 32, device=DEVICE) for _ in range(4))
     out = torch.empty_like(q)
@@ -86,6 +90,35 @@ def test_attention_backward_at_other_tiles(tiles):
         results.append(grads)
     for name, got, want in zip("qkv", *results):
         assert relative_error(got, want, common_scale(results[0])) < 5 * TOLERANCE[torch.float32], f"d{name}"
+
+    recorders = {name: LaunchRecorder(getattr(attention_module, name))
+                 for name in ("_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(attention_module, name, recorder)
+    attention_bwd(grad, q, k, v, out, lse, *(nan_like(q) for _ in range(3)), reverse=True,
+                  scale=default_scale(32), tiles=tiles)
+    (dkdv_grid, dkdv_options), = recorders["_attention_bwd_dkdv_kernel"].launches
+    (dq_grid, dq_options), = recorders["_attention_bwd_dq_kernel"].launches
+    assert dkdv_grid == (-(-50 // tiles.block_n), 2 * 3) and dq_grid == (-(-50 // tiles.block_m), 2 * 3)
+    for options in (dkdv_options, dq_options):
+        assert (options["BLOCK_M"], options["BLOCK_N"], options["num_warps"], options["num_stages"]) == dataclasses.astuple(tiles)
+
+
+class LaunchRecorder:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's grid and keyword options, then
+    launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def record(*args, **options):
+            self.launches.append((grid, options))
+            return launch(*args, **options)
+        return record
 
 
 def _three_way(dtype):
