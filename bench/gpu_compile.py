@@ -103,6 +103,8 @@ class Resources:
     tensor_cores: bool
     """The PTX has Hopper (``wgmma``) or older (``mma.sync``) tensor-core instructions."""
     has_dot: bool
+    fp_fusion: bool
+    """Compiled with ``a * b + c`` contracted to FMA (``enable_fp_fusion``)."""
 
 
 def resource_usage(launch: Launch, case: str) -> Resources:
@@ -119,7 +121,7 @@ def resource_usage(launch: Launch, case: str) -> Resources:
     ptx = launch.kernel.asm["ptx"]
     source = launch.kernel.asm["ttir"]
     return Resources(launch.name, case, int(fields["REG"]), int(fields["STACK"]), launch.kernel.metadata.shared,
-                     "wgmma" in ptx or "mma.sync" in ptx, "tt.dot" in source)
+                     "wgmma" in ptx or "mma.sync" in ptx, "tt.dot" in source, launch.kernel.metadata.enable_fp_fusion)
 
 
 def fast_encoder_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .compiler_options import COMPILER_OPTIONS
 from .dispatch import direct_call
 
 
@@ -273,7 +274,8 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, q_strides: tuple[i
     _attention_fwd_kernel[(triton.cdiv(tokens, tiles.block_m), batch * heads)](
         q, k, v, out, lse, *q_strides, *k_strides, *v_strides, *out_strides, heads, tokens, scale,
         HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, IS_REVERSE=reverse,
-        INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **COMPILER_OPTIONS)
     return lse
 
 
@@ -292,10 +294,11 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     delta = torch.empty_like(lse)
     _attention_bwd_preprocess_kernel[(triton.cdiv(tokens, block_m), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, tokens,
-        HEAD_DIM=head_dim, BLOCK_M=block_m)
+        HEAD_DIM=head_dim, BLOCK_M=block_m, **COMPILER_OPTIONS)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_REVERSE=reverse,
-                  INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                  INPUT_PRECISION=_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                  **COMPILER_OPTIONS)
     _attention_bwd_dkdv_kernel[(triton.cdiv(tokens, block_n), batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3],
         heads, tokens, scale, **common)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .compiler_options import COMPILER_OPTIONS
 from .dispatch import direct_call
 
 BLOCK = 1024
@@ -47,7 +48,8 @@ def bias_gelu_fwd(x: Tensor, bias: Tensor) -> Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _bias_gelu_fwd_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias, y, x.numel(), x.shape[-1], BLOCK=BLOCK)
+        _bias_gelu_fwd_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, bias, y, x.numel(), x.shape[-1], BLOCK=BLOCK,
+                                                                **COMPILER_OPTIONS)
     return y
 
 
@@ -56,7 +58,7 @@ def bias_gelu_bwd(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tens
     dx = torch.empty_like(x)
     if x.numel():
         _bias_gelu_bwd_kernel[(triton.cdiv(x.numel(), BLOCK),)](grad_y, x, bias, dx, x.numel(), x.shape[-1],
-                                                               BLOCK=BLOCK)
+                                                               BLOCK=BLOCK, **COMPILER_OPTIONS)
     return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
 
 

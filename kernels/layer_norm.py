@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.functional import PATCH
+from .compiler_options import COMPILER_OPTIONS
 from .dispatch import direct_call
 from .windows import (DUMMY_GEOMETRY, WindowGrid, fold_reflection_padding, map_to_tokens, tokens_to_map,
                       window_token_offsets)
@@ -147,7 +148,8 @@ def _launch_fwd(x: Tensor, residual: Tensor | None, plus: Tensor | None, weight:
             x, residual if residual is not None else y, plus if plus is not None else y, weight, bias, y,
             s if s is not None else y, mean, rstd, cols, eps, *geometry,
             X_FROM_MAP=x_from_map, HAS_RESIDUAL=residual is not None, STORE_S=s is not None,
-            HAS_PLUS=plus is not None, Y_TO_MAP=y_to_map, PATCH=PATCH, BLOCK_N=triton.next_power_of_2(cols))
+            HAS_PLUS=plus is not None, Y_TO_MAP=y_to_map, PATCH=PATCH, BLOCK_N=triton.next_power_of_2(cols),
+            **COMPILER_OPTIONS)
     return mean, rstd
 
 
@@ -165,7 +167,7 @@ def _launch_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor
             grad_y_tokens if grad_y_tokens is not None else s, dw_partial, db_partial, rows, cols, *geometry,
             DY_FROM_MAP=dy_from_map, STORE_DY_TOKENS=grad_y_tokens is not None, HAS_DS_EXTRA=grad_s is not None,
             DS_TO_MAP=ds_to_map, PATCH=PATCH, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
-            BLOCK_N=triton.next_power_of_2(cols))
+            BLOCK_N=triton.next_power_of_2(cols), **COMPILER_OPTIONS)
     else:
         dw_partial.zero_()
         db_partial.zero_()

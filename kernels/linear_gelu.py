@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .compiler_options import COMPILER_OPTIONS
 from .dispatch import direct_call
 from .gelu import bias_gelu, bias_gelu_torch
 
@@ -97,7 +98,7 @@ def linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, *, save_pre: bool,
             y.stride(0), pre.stride(0) if save_pre else 0, STORE_PRE=save_pre, BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages)
+            num_stages=tiles.num_stages, **COMPILER_OPTIONS)
     shape = (*x.shape[:-1], cols)
     return y.view(shape), pre.view(shape) if save_pre else pre
 

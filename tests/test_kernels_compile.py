@@ -30,6 +30,7 @@ def compiled() -> list[dict]:
     if not PTXAS.exists():
         pytest.skip(f"this Triton has no NVIDIA ptxas at {PTXAS}")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "0"  # Triton 3.10's default: only a pinned option turns fusion on
     result = subprocess.run([sys.executable, "-m", "bench.gpu_compile", "--json"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,3 +54,9 @@ def test_16_bit_dots_run_on_tensor_cores(compiled):
 def test_no_register_spills(compiled):
     spilling = {(row["name"], row["case"]): row["stack_bytes"] for row in compiled if row["stack_bytes"]}
     assert set(spilling) <= MEASURED_SPILLS, spilling
+
+
+def test_every_launch_pins_fp_fusion(compiled):
+    """Triton's default for FMA contraction flips from on to off in 3.10; the kernels' fp32 rounding
+    must not (kernels/compiler_options.py)."""
+    assert [row["name"] for row in compiled if not row["fp_fusion"]] == []
