@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import torch
 
+from .backends import fast_fusion_net
 from .model import CrossFuse
 
 BACKENDS = ("reference", "fast")
@@ -84,7 +85,7 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     model.eval()
     try:
         with torch.inference_mode():
-            fusion = _fast_fusion(model) if backend == "fast" else None
+            fusion = fast_fusion_net(model.fusion) if backend == "fast" else None
             ir, vis = ir.to(parameter), vis.to(parameter)
             # A CPU runs the full-resolution convolutions of a batch slower than its images one
             # by one (480 x 640, 8 images, 2 cores: 19.4 s at once, 13.6 s one by one).
@@ -94,11 +95,6 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     finally:
         model.train(was_training)
     return fused.to(device)
-
-
-def _fast_fusion(model: CrossFuse) -> torch.nn.Module:
-    from .fast import FastFusionNet  # imports Triton: only the fast backend needs it
-    return FastFusionNet(model.fusion)
 
 
 def _check_image(name: str, image: np.ndarray, colour_ok: bool) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .backends import fast_fusion_net
 from .checkpoints import save_tensors
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
@@ -102,10 +103,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     optimizer, scheduler = _adam_with_step_decay(trainable, lr, weight_decay, decay_from_epoch, decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
-    network = model
-    if backend == "fast":
-        from .fast import FastFusionNet  # imports Triton: only the fast backend needs it
-        network = FastFusionNet(model)
+    network = fast_fusion_net(model) if backend == "fast" else model
 
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return fusion_loss(network, ir_autoencoder, vis_autoencoder, pair[0].to(device), pair[1].to(device))

@@ -67,6 +67,21 @@ def test_fuse_and_train_with_the_fast_backend(trained, monkeypatch):
     assert len(calls) > 1, "train-fusion --backend fast trained without the fast fusion network"
 
 
+def test_fast_backend_without_triton_is_one_clear_line(trained, monkeypatch, capsys):
+    """Triton installs on Linux only; elsewhere ``--backend fast`` says so instead of a stack trace."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # ``import triton`` now fails
+    out = trained / "fused_without_triton.png"
+    pair = ["--ir", str(trained / "pairs/ir/0001.png"), "--vis", str(trained / "pairs/vis/0001.png")]
+    assert main(["fuse", *pair, "--out", str(out), "--backend", "fast", *weights(trained)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "backend 'fast' needs Triton" in error and "'reference'" in error
+    assert not out.exists()
+    assert main(["train-fusion", "--synthetic", "2", "--size", "64", "--epochs", "1", "--backend", "fast",
+                 *weights(trained)[:4], "--out", str(trained / "without_triton")]) == 2
+    assert "needs Triton" in capsys.readouterr().err
+    assert not list((trained / "without_triton").glob("*.model"))
+
+
 def test_fuse_folders(trained):
     out = trained / "fused_folder"
     assert main(["fuse", "--ir", str(trained / "pairs/ir"), "--vis", str(trained / "pairs/vis"),
