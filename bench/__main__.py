@@ -27,8 +27,8 @@ from .report import append_rows, write_report
 from .timing import Timer, peak_memory
 
 HERE = Path(__file__).parent
-PROVIDERS = ("eager", "compile", "compile-graphs", "released", "api", "sdpa", "fast-torch", "fast-triton",
-             "fast-triton-graphs", "triton")
+PROVIDERS = ("eager", "compile", "compile-graphs", "released", "api", "sdpa", "fast-torch", "fast-torch-nchw",
+             "fast-triton", "fast-triton-nhwc", "fast-triton-graphs", "triton")
 
 
 def _quantile(values: list[float], q: float) -> float:

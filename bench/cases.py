@@ -15,9 +15,11 @@ Providers (each added as it exists):
   reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
   and launch overhead are gone (the cross encoder, on a GPU only).
 - ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
-  twins or the Triton kernels (``fuse(backend="fast")`` end to end; the cross encoder on
-  windows, on whole deep maps and in training; attention alone for ``triton``). Triton
-  providers exist on a GPU only.
+  twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the convolutions in
+  channels_last on a CPU; the cross encoder on windows, on whole deep maps and in training;
+  attention alone for ``triton``). Triton providers exist on a GPU only; end to end, a CPU
+  runs ``fast-torch`` (a GPU ``fast-triton``) and the same with the other convolution layout:
+  ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
-from crossfuse_fast.fast import FastCrossEncoder, FastFusionNet
+from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -91,10 +93,10 @@ def released_style_cross_encoder(encoder: torch.nn.Module, ir_deep: torch.Tensor
     return fused[..., :height, :width]
 
 
-def _fast_fuse(model: CrossFuse, backend: str) -> Callable:
-    """``fuse(backend="fast")``'s network: the reference model with its cross encoder on the fast path."""
-    fusion = FastFusionNet(model.fusion, backend)
-    return lambda ir, vis: model(ir, vis, fusion=fusion)
+def _fast_fuse(model: CrossFuse, backend: str, channels_last: bool | None = None) -> Callable:
+    """``fuse(backend="fast")``'s network (:class:`FastCrossFuse`); ``channels_last`` forces the
+    convolutions' layout, which by default is channels_last on a CPU only."""
+    return FastCrossFuse(model, backend, channels_last)
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -147,8 +149,11 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
                                 "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis)),
                                 "api": lambda ir, vis: fuse(ir, vis, model=model),
-                                "fast-torch": _inference(_fast_fuse(model, "torch")),
-                                **({"fast-triton": _inference(_fast_fuse(model, "triton"))} if on_gpu else {})}),
+                                **({"fast-triton": _inference(_fast_fuse(model, "triton")),
+                                    "fast-triton-nhwc": _inference(_fast_fuse(model, "triton", channels_last=True))}
+                                   if on_gpu else
+                                   {"fast-torch": _inference(_fast_fuse(model, "torch")),
+                                    "fast-torch-nchw": _inference(_fast_fuse(model, "torch", channels_last=False))})}),
                 quick=batch == 1 and height <= 480, notes=f"{windows} windows"))
 
     for windows in (6, 48, 384):

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import torch
 
-from .backends import fast_fusion_net
+from .backends import fast_crossfuse
 from .model import CrossFuse
 
 BACKENDS = ("reference", "fast")
@@ -85,12 +85,12 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     model.eval()
     try:
         with torch.inference_mode():
-            fusion = fast_fusion_net(model.fusion) if backend == "fast" else None
+            network = fast_crossfuse(model) if backend == "fast" else model
             ir, vis = ir.to(parameter), vis.to(parameter)
             # A CPU runs the full-resolution convolutions of a batch slower than its images one
             # by one (480 x 640, 8 images, 2 cores: 19.4 s at once, 13.6 s one by one).
             chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
-            fused = torch.cat([model(ir[start:start + chunk], vis[start:start + chunk], fusion=fusion)
+            fused = torch.cat([network(ir[start:start + chunk], vis[start:start + chunk])
                                for start in range(0, ir.shape[0], chunk)])
     finally:
         model.train(was_training)

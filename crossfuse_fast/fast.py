@@ -22,14 +22,16 @@ inputs' device. :class:`FastFusionNet` puts the fast encoder inside a reference 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from . import kernels
+from .model import CrossFuse
 from .reference.functional import PATCH, WINDOW
 from .reference.fusion import FusionNet
 from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
@@ -172,7 +174,12 @@ class FastCrossEncoder(nn.Module):
         """``FusionNet.fuse_deep`` (SPEC 2.1): deep maps ``[B, 128, h, w]`` of any size, each cut into
         reflection-padded 32 x 32 windows, encoded, put back and cropped, all by the end kernels' addressing."""
         _check_pair(ir_deep, vis_deep)
-        return self._run(ir_deep, vis_deep, (WINDOW, WINDOW))
+        fused = self._run(ir_deep, vis_deep, (WINDOW, WINDOW))
+        if ir_deep.is_contiguous(memory_format=torch.channels_last) and not ir_deep.is_contiguous():
+            # Maps in channels_last (FastCrossFuse on a CPU) get their fused map back in that layout,
+            # so the decoder's sums and convolutions after it run on one layout.
+            return fused.contiguous(memory_format=torch.channels_last)
+        return fused
 
     def _run(self, ir: Tensor, vis: Tensor, window: tuple[int, int]) -> Tensor:
         ops = OPS[resolve_backend(self.backend, ir.device)]
@@ -224,3 +231,39 @@ class FastFusionNet(nn.Module):
         """``shift`` is accepted for the reference's signature (the fast encoder needs no roll)."""
         fused = self.encoder.fuse_deep(ir_deep, vis_deep)
         return self.reference.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+
+
+class FastCrossFuse(nn.Module):
+    """A :class:`~crossfuse_fast.CrossFuse` (its own parameters) on the fast path: ``fuse(backend="fast")``.
+
+    The cross encoder runs fused (:class:`FastFusionNet`). On a CPU the convolutions also run
+    in channels_last: the conv weights are passed as channels_last copies for the call (the
+    model itself is left untouched), so oneDNN runs every convolution, pad, pool and concat on
+    NHWC maps (one encoder at 480 x 640 on 2 cores: 0.49 -> 0.37 s; bench/RESULTS.md, provider
+    ``fast-torch``). ``channels_last=None`` does that on a CPU only, the one place it is measured;
+    ``True`` or ``False`` forces it either way (``bench`` measures both on a GPU).
+    """
+
+    def __init__(self, model: CrossFuse, backend: str = "auto", channels_last: bool | None = None):
+        super().__init__()
+        self.reference = model
+        self.fusion = FastFusionNet(model.fusion, backend)
+        self.channels_last = channels_last
+
+    def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
+        channels_last = self.channels_last if self.channels_last is not None else ir.device.type == "cpu"
+        if not channels_last:
+            return self.reference(ir, vis, fusion=self.fusion)
+        return functional_call(self.reference, _channels_last_copies(self.reference), (ir, vis),
+                               {"fusion": self.fusion}, strict=False)
+
+
+def _channels_last_copies(module: nn.Module) -> dict[str, Tensor]:
+    """The module's 4-D parameters as channels_last copies (differentiable), by name.
+
+    Made with ``empty_like`` and ``copy_``: ``Tensor.contiguous(memory_format=...)`` keeps the
+    strides of a weight with one input channel (``conv1``'s ``[32, 1, 3, 3]``), which count as
+    both layouts, and PyTorch then picks NCHW for the whole encoder.
+    """
+    return {name: torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
+            for name, weight in module.named_parameters() if weight.dim() == 4}

@@ -85,6 +85,51 @@ def test_fast_backend_runs_the_fast_fusion_network(model, monkeypatch):
     assert len(calls) == 2  # a CPU runs the batch's images one at a time
 
 
+def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model):
+    """Where the fast path's CPU speed-up comes from: every convolution that runs sees NHWC weights
+    and maps (conv1's one-channel input aside), while the model's own parameters stay as they were."""
+    running = [model.ir_autoencoder.fea_encoder1, model.vis_autoencoder.fea_encoder1, model.fusion.decoder_fusion]
+    expected = {conv for part in running for conv in part.modules() if isinstance(conv, torch.nn.Conv2d)}
+    before = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    layouts = {}
+
+    def record(module, inputs):
+        layout = torch.channels_last
+        layouts[module] = (module.weight.is_contiguous(memory_format=layout) and module.weight.stride()[1] == 1
+                           and (inputs[0].shape[1] == 1 or inputs[0].is_contiguous(memory_format=layout)))
+    hooks = [conv.register_forward_pre_hook(record) for conv in model.modules() if isinstance(conv, torch.nn.Conv2d)]
+    try:
+        ir, vis = synthetic_batch(1, 40, 48, seed=5)
+        fuse(ir, vis, model=model, backend="fast")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(layouts) == expected and all(layouts.values())
+    assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == before
+
+
+def test_fast_crossfuse_gradients_are_the_reference_ones(model):
+    """The channels_last copies are differentiable: training through the fast model reaches the
+    model's own parameters with the reference's gradients (fp64, so only the method differs)."""
+    from crossfuse_fast.fast import FastCrossFuse
+    exact = copy.deepcopy(model).double().train()
+    ir, vis = (x.double() for x in synthetic_batch(2, 32, 40, seed=6))
+    names, parameters = zip(*[(name, p) for name, p in exact.named_parameters() if p.requires_grad])
+    reference_grads = torch.autograd.grad(exact(ir, vis).square().mean(), parameters, allow_unused=True)
+    fast = FastCrossFuse(exact, "torch", channels_last=True)
+    fast_grads = torch.autograd.grad(fast(ir, vis).square().mean(), parameters, allow_unused=True)
+    # Against the largest gradient: biases before a training-mode BatchNorm (and the key biases,
+    # under the softmax) have gradients that are zero in exact arithmetic, rounding noise here.
+    scale = max(g.abs().max().item() for g in reference_grads if g is not None)
+    checked = 0
+    for name, want, got in zip(names, reference_grads, fast_grads):
+        assert (want is None) == (got is None), name
+        if want is not None:
+            assert (got - want).abs().max().item() <= 1e-9 * scale, name
+            checked += 1
+    assert checked > 100
+
+
 def test_fast_backend_on_images(model):
     ir, vis = synthetic_pair(120, 160, np.random.default_rng(3))
     reference = fuse(ir, vis, model=model).astype(int)
