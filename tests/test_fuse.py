@@ -89,7 +89,9 @@ def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model):
     """Where the fast path's CPU speed-up comes from: every convolution that runs sees NHWC weights
     and maps (conv1's one-channel input aside), while the model's own parameters stay as they were."""
     running = [model.ir_autoencoder.fea_encoder1, model.vis_autoencoder.fea_encoder1, model.fusion.decoder_fusion]
-    expected = {conv for part in running for conv in part.modules() if isinstance(conv, torch.nn.Conv2d)}
+    box_filters = set(model.fusion.decoder_fusion.weight.modules())  # computed as their algebra instead
+    expected = {conv for part in running for conv in part.modules()
+                if isinstance(conv, torch.nn.Conv2d) and conv not in box_filters}
     before = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
     layouts = {}
 
@@ -128,6 +130,41 @@ def test_fast_crossfuse_gradients_are_the_reference_ones(model):
             assert (got - want).abs().max().item() <= 1e-9 * scale, name
             checked += 1
     assert checked > 100
+
+
+def test_fast_decoder_box_filters_as_their_algebra(model):
+    """The fusion decoder with its fixed box filters as channel sum + box sum equals the reference
+    decoder (fp64: only the order of the sums differs), and runs neither box convolution."""
+    from crossfuse_fast.fast import fusion_decoder
+    decoder = copy.deepcopy(model.fusion.decoder_fusion).double()
+    torch.manual_seed(8)
+    fused, ir_deep, vis_deep = (torch.randn(2, 128, 5, 7, dtype=torch.float64) for _ in range(3))
+    ir_shallow, vis_shallow = (torch.rand(2, 32, 43, 61, dtype=torch.float64) for _ in range(2))
+    box_calls = []
+    for conv in (decoder.weight.conv_de, decoder.weight.conv_sh):
+        conv.register_forward_pre_hook(lambda module, inputs: box_calls.append(module))
+    fast = fusion_decoder(decoder, fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    assert box_calls == []
+    reference = decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    assert (fast - reference).abs().max().item() < 1e-9 * 255
+    assert len(box_calls) == 4
+
+
+@pytest.mark.parametrize("change", ["one weight", "bias"])
+def test_fast_decoder_with_other_box_weights_is_the_reference(model, change):
+    """The algebra holds for uniform weights only: anything else runs the reference decoder."""
+    from crossfuse_fast.fast import fusion_decoder
+    decoder = copy.deepcopy(model.fusion.decoder_fusion)
+    with torch.no_grad():
+        if change == "one weight":
+            decoder.weight.conv_sh.weight[3, 5, 1, 2] += 0.25
+        else:
+            decoder.weight.conv_de.bias = torch.nn.Parameter(torch.full((128,), 0.5), requires_grad=False)
+    torch.manual_seed(9)
+    fused, ir_deep, vis_deep = (torch.randn(1, 128, 4, 6) for _ in range(3))
+    ir_shallow, vis_shallow = (torch.rand(1, 32, 32, 48) for _ in range(2))
+    fast = fusion_decoder(decoder, fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    assert torch.equal(fast, decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow))
 
 
 def test_fast_backend_on_images(model):
