@@ -288,8 +288,8 @@ class FastCrossFuse(nn.Module):
     The cross encoder runs fused (:class:`FastFusionNet`). On a CPU the convolutions also run
     in channels_last: the conv weights are passed as channels_last copies for the call (the
     model itself is left untouched), so oneDNN runs every convolution, pad, pool and concat on
-    NHWC maps (2 cores, one image: 1.14x, 1.21x and 1.23x over NCHW at 256 x 256, 480 x 640 and
-    1024 x 1280; bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``).
+    NHWC maps (2 cores, one image: 1.17x, 1.28x and 1.25x over NCHW at 256 x 256, 480 x 640 and
+    1024 x 1280; bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``, run at 1b3243e).
     ``channels_last=None`` does that on a CPU only, the one place it is measured; ``True`` or
     ``False`` forces it either way (``fast-triton-nhwc`` measures it on a GPU).
     """
