@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from . import kernels
 from .model import CrossFuse
@@ -285,11 +284,12 @@ def _box_sum_of_channel_sum(x: Tensor) -> Tensor:
 class FastCrossFuse(nn.Module):
     """A :class:`~crossfuse_fast.CrossFuse` (its own parameters) on the fast path: ``fuse(backend="fast")``.
 
-    The cross encoder runs fused (:class:`FastFusionNet`). On a CPU the convolutions also run
-    in channels_last: the conv weights are passed as channels_last copies for the call (the
-    model itself is left untouched), so oneDNN runs every convolution, pad, pool and concat on
-    NHWC maps (2 cores, one image: 1.17x, 1.28x and 1.25x over NCHW at 256 x 256, 480 x 640 and
-    1024 x 1280; bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``, run at 1b3243e).
+    The cross encoder runs fused and the decoder's box filters as their algebra
+    (:class:`FastFusionNet`). On a CPU the convolutions also run in channels_last: the images go
+    in with NHWC strides, and from the first convolution on PyTorch keeps every map, pad, pool and
+    concat in that layout (2 cores, one image: 1.17x, 1.28x and 1.25x over NCHW at 256 x 256,
+    480 x 640 and 1024 x 1280; bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``,
+    run at 1b3243e). The model itself is not touched, so threads may share it.
     ``channels_last=None`` does that on a CPU only, the one place it is measured; ``True`` or
     ``False`` forces it either way (``fast-triton-nhwc`` measures it on a GPU).
     """
@@ -302,18 +302,16 @@ class FastCrossFuse(nn.Module):
 
     def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
         channels_last = self.channels_last if self.channels_last is not None else ir.device.type == "cpu"
-        if not channels_last:
-            return self.reference(ir, vis, fusion=self.fusion)
-        return functional_call(self.reference, _channels_last_copies(self.reference), (ir, vis),
-                               {"fusion": self.fusion}, strict=False)
+        if channels_last:
+            ir, vis = _nhwc_strides(ir), _nhwc_strides(vis)
+        return self.reference(ir, vis, fusion=self.fusion)
 
 
-def _channels_last_copies(module: nn.Module) -> dict[str, Tensor]:
-    """The module's 4-D parameters as channels_last copies (differentiable), by name.
+def _nhwc_strides(images: Tensor) -> Tensor:
+    """``images`` ``[B, 1, H, W]`` laid out as channels_last.
 
-    Made with ``empty_like`` and ``copy_``: ``Tensor.contiguous(memory_format=...)`` keeps the
-    strides of a weight with one input channel (``conv1``'s ``[32, 1, 3, 3]``), which count as
-    both layouts, and PyTorch then picks NCHW for the whole encoder.
+    With one channel both layouts hold the same data, and ``Tensor.contiguous(memory_format=...)``
+    keeps the NCHW strides, from which PyTorch would pick NCHW for every convolution after; a
+    copy into ``empty_like(memory_format=channels_last)`` gets the NHWC strides, which it follows.
     """
-    return {name: torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
-            for name, weight in module.named_parameters() if weight.dim() == 4}
+    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)

@@ -86,19 +86,17 @@ def test_fast_backend_runs_the_fast_fusion_network(model, monkeypatch):
 
 
 def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model):
-    """Where the fast path's CPU speed-up comes from: every convolution that runs sees NHWC weights
-    and maps (conv1's one-channel input aside), while the model's own parameters stay as they were."""
+    """Where the fast path's CPU speed-up comes from: every convolution that runs sees its map in
+    NHWC (channels innermost), and the model's own parameters stay as they were."""
     running = [model.ir_autoencoder.fea_encoder1, model.vis_autoencoder.fea_encoder1, model.fusion.decoder_fusion]
     box_filters = set(model.fusion.decoder_fusion.weight.modules())  # computed as their algebra instead
     expected = {conv for part in running for conv in part.modules()
                 if isinstance(conv, torch.nn.Conv2d) and conv not in box_filters}
     before = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
-    layouts = {}
+    channels_innermost = {}
 
     def record(module, inputs):
-        layout = torch.channels_last
-        layouts[module] = (module.weight.is_contiguous(memory_format=layout) and module.weight.stride()[1] == 1
-                           and (inputs[0].shape[1] == 1 or inputs[0].is_contiguous(memory_format=layout)))
+        channels_innermost[module] = inputs[0].stride()[1] == 1 and inputs[0].shape[-1] > 1
     hooks = [conv.register_forward_pre_hook(record) for conv in model.modules() if isinstance(conv, torch.nn.Conv2d)]
     try:
         ir, vis = synthetic_batch(1, 40, 48, seed=5)
@@ -106,13 +104,13 @@ def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model):
     finally:
         for hook in hooks:
             hook.remove()
-    assert set(layouts) == expected and all(layouts.values())
+    assert set(channels_innermost) == expected and all(channels_innermost.values())
     assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == before
 
 
 def test_fast_crossfuse_gradients_are_the_reference_ones(model):
-    """The channels_last copies are differentiable: training through the fast model reaches the
-    model's own parameters with the reference's gradients (fp64, so only the method differs)."""
+    """Training through the fast model (channels_last, box filter algebra, fused cross encoder)
+    reaches the model's own parameters with the reference's gradients (fp64: only the method differs)."""
     from crossfuse_fast.fast import FastCrossFuse
     exact = copy.deepcopy(model).double().train()
     ir, vis = (x.double() for x in synthetic_batch(2, 32, 40, seed=6))
