@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from torch import nn
+from torch import Tensor, nn
 
 from .model import CrossFuse
 from .reference import FusionNet
@@ -12,6 +12,11 @@ from .reference import FusionNet
 def fast_fusion_net(fusion: FusionNet) -> nn.Module:
     """``fusion`` with its cross encoder on the fast path (``train_fusion(backend="fast")``)."""
     return _fast_module().FastFusionNet(fusion)
+
+
+def fast_image_layout(images: Tensor) -> Tensor:
+    """``images`` in the layout the fast path runs its convolutions in (channels_last on a CPU)."""
+    return _fast_module().image_layout(images)
 
 
 def fast_crossfuse(model: CrossFuse) -> nn.Module:

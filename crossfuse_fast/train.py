@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import fast_fusion_net
+from .backends import fast_fusion_net, fast_image_layout
 from .checkpoints import save_tensors
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
@@ -90,7 +90,9 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
     ``backend="fast"`` trains the same parameters with the cross encoder on the fast path (the
-    Triton kernels on a GPU, their PyTorch twins on a CPU).
+    Triton kernels on a GPU, their PyTorch twins on a CPU), the decoder's box filters as their
+    algebra, and on a CPU the convolutions in channels_last (a 256 x 256 batch of 8 on 2 cores:
+    3.2 s -> 2.6-2.8 s a step).
     """
     if backend not in TRAINING_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(TRAINING_BACKENDS)}")
@@ -104,9 +106,11 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
     network = fast_fusion_net(model) if backend == "fast" else model
+    layout = fast_image_layout if backend == "fast" else (lambda images: images)
 
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return fusion_loss(network, ir_autoencoder, vis_autoencoder, pair[0].to(device), pair[1].to(device))
+        ir, vis = layout(pair[0].to(device)), layout(pair[1].to(device))
+        return fusion_loss(network, ir_autoencoder, vis_autoencoder, ir, vis)
 
     _run_epochs("fusion", model, loader, loss_of_batch, optimizer, scheduler, paths, max_steps, overwrite, log)
     return model

@@ -178,11 +178,16 @@ def test_train_fusion_fast_backend(tmp_path, monkeypatch):
     forward = FastFusionNet.forward
     monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     logs = []
-    fusion = train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path, epochs=1, batch_size=2,
+    ir_encoder = AutoEncoder()
+    first_conv = ir_encoder.fea_encoder1.conv1.conv2d[0]
+    channels_innermost = []
+    first_conv.register_forward_pre_hook(lambda module, inputs: channels_innermost.append(inputs[0].stride()[1] == 1))
+    fusion = train_fusion(SyntheticPairs(2, 64), ir_encoder, AutoEncoder(), tmp_path, epochs=1, batch_size=2,
                           max_steps=1, backend="fast", log=logs.append)
     assert isinstance(fusion, FusionNet) and (tmp_path / "fusion_epoch1.model").exists()
     assert any(line.startswith("fusion epoch 1 step 1 loss") for line in logs)
     assert calls, "backend='fast' trained without the fast fusion network"
+    assert channels_innermost == [True], "the fast backend's CPU convolutions run in channels_last"
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path / "other", epochs=1,
                      backend="triton")
