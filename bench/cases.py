@@ -17,9 +17,9 @@ Providers (each added as it exists):
 - ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
   twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the convolutions in
   channels_last on a CPU; the cross encoder on windows, on whole deep maps and in training;
-  attention alone for ``triton``). Triton providers exist on a GPU only; end to end, a CPU
-  runs ``fast-torch`` (a GPU ``fast-triton``) and the same with the other convolution layout:
-  ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
+  attention alone for ``triton``). Triton providers exist on a GPU only; end to end and in
+  the stage-2 training step, a CPU runs ``fast-torch`` (a GPU ``fast-triton``) and the same
+  with the other convolution layout: ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
-from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse
+from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse, FastFusionNet, image_layout
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -337,18 +337,30 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
     trainable = [p for p in fusion.parameters() if p.requires_grad]
     fusion_optimizer = torch.optim.Adam(trainable, lr=1e-3, weight_decay=0.9)
 
-    def stage2_step(loss_fn: Callable) -> Callable:
+    def stage2_step(loss_fn: Callable, network: torch.nn.Module = fusion,
+                    channels_last: bool | None = False) -> Callable:
+        """``channels_last``: the images' layout, as :func:`image_layout` takes it (None: as
+        ``train_fusion(backend="fast")`` lays them out)."""
         def step(ir, vis):
             fusion_optimizer.zero_grad(set_to_none=True)
-            loss_fn(fusion, encoders[0], encoders[1], ir, vis).backward()
+            loss_fn(network, encoders[0], encoders[1], image_layout(ir, channels_last),
+                    image_layout(vis, channels_last)).backward()
             fusion_optimizer.step()
         return step
+
+    if on_gpu:
+        fast_steps = {"fast-triton": stage2_step(fusion_loss, FastFusionNet(fusion, "triton"), None),
+                      "fast-triton-nhwc": stage2_step(fusion_loss, FastFusionNet(fusion, "triton"), True)}
+    else:
+        fast_steps = {"fast-torch": stage2_step(fusion_loss, FastFusionNet(fusion, "torch"), None),
+                      "fast-torch-nchw": stage2_step(fusion_loss, FastFusionNet(fusion, "torch"))}
 
     cases.append(Case(
         name="train stage 2 256x256 b8", group="training", flops=encoder_flops + 3 * fusion_flops,
         min_bytes=3 * tensor_bytes(crops) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(fusion, trainable_only=True)
         + 2 * parameter_bytes(encoders[0].fea_encoder1),
         make_inputs=_images(8, 256, 256, device, dtype),
-        providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss))}),
+        providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss)),
+                        **fast_steps}),
         quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
     return cases
