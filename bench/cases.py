@@ -305,6 +305,7 @@ def _cross_encoder_training_case(encoder: torch.nn.Module, meta: CrossFuse, devi
 def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) -> list[Case]:
     """One optimiser step of each stage on 256 x 256 crops (stage 1 batch 2, stage 2 batch 8)."""
     cases = []
+    on_gpu = device.type == "cuda"
     torch.manual_seed(1)
     autoencoder = AutoEncoder().to(device, dtype).train()
     meta_autoencoder = AutoEncoder().to("meta", dtype)

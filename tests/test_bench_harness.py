@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from bench.__main__ import measure_case
-from bench.cases import Case
+from bench.__main__ import PROVIDERS, measure_case
+from bench.cases import Case, build_cases
 from bench.flops import attention_flops, conv2d_flops, count_forward, linear_flops
 from bench.report import append_rows, read_rows, write_report
 from bench.timing import Timer
@@ -111,3 +111,16 @@ def test_measure_case_interleaves_and_records_every_field():
         assert json.loads(json.dumps(row)) == row
     # warm-up and first sample per provider, then the remaining samples alternate between providers
     assert calls[4:] == ["eager", "other", "other", "eager"]
+
+
+def test_every_case_builds_on_a_cpu_with_its_providers():
+    """Building the cases runs no timing, but catches a case that fails to build (the GPU
+    sessions that run the rest are short; a broken case must not cost one)."""
+    cases = build_cases(torch.device("cpu"), torch.float32, list(PROVIDERS))
+    names = [case.name for case in cases]
+    assert len(names) == len(set(names))
+    assert all(case.providers and case.flops > 0 and case.min_bytes > 0 for case in cases)
+    cpu_providers = {provider for case in cases for provider in case.providers}
+    assert cpu_providers == {"eager", "compile", "released", "api", "sdpa", "fast-torch", "fast-torch-nchw"}
+    training = next(case for case in cases if case.name.startswith("train stage 2"))
+    assert {"fast-torch", "fast-torch-nchw"} <= set(training.providers)
