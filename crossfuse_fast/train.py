@@ -91,8 +91,8 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
     ``backend="fast"`` trains the same parameters with the cross encoder on the fast path (the
     Triton kernels on a GPU, their PyTorch twins on a CPU), the decoder's box filters as their
-    algebra, and on a CPU the convolutions in channels_last (a 256 x 256 batch of 8 on 2 cores:
-    3.2 s -> 2.6-2.8 s a step).
+    algebra, and on a CPU the convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
+    cores: 1.36x the reference's; bench/RESULTS.md, ``train stage 2``, run at 91301c9).
     """
     if backend not in TRAINING_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(TRAINING_BACKENDS)}")
