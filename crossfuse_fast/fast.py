@@ -225,28 +225,31 @@ class FastFusionNet(nn.Module):
         super().__init__()
         self.reference = reference
         self.encoder = FastCrossEncoder(reference.cross_atten_block, backend)
+        # Checked here, before any work is queued: reading the weights' values waits for a GPU.
+        self._box_values = _CheckedBoxValues(reference.decoder_fusion)
 
     def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
                 shift: bool = True) -> Tensor:
         """``shift`` is accepted for the reference's signature (the fast encoder needs no roll)."""
         fused = self.encoder.fuse_deep(ir_deep, vis_deep)
-        return fusion_decoder(self.reference.decoder_fusion, fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+        return fusion_decoder(self.reference.decoder_fusion, self._box_values.get(), fused, ir_deep, ir_shallow,
+                              vis_deep, vis_shallow)
 
 
-def fusion_decoder(decoder: FusionDecoder, fused: Tensor, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor,
-                   vis_shallow: Tensor) -> Tensor:
+def fusion_decoder(decoder: FusionDecoder, box_values: tuple[float, float] | None, fused: Tensor, ir_deep: Tensor,
+                   ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor) -> Tensor:
     """``decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)`` with ``conv_de`` and ``conv_sh``
     computed as what they are (SPEC 2.4): a 3 x 3 conv whose weights are all one value ``w`` gives
     every output channel ``w`` times the 3 x 3 box sum of the channel sum, one channel broadcast.
 
     That replaces 128 x 128 and 32 x 32 channel convolutions (12 GFLOP at 480 x 640) with a channel
-    sum and a one-channel box sum. The algebra holds only for uniform weights, so they are checked on
-    every call; any other weights run the reference decoder as it is.
+    sum and a one-channel box sum. ``box_values`` are the two filters' values as
+    :func:`uniform_box_values` finds them; None (weights that are not uniform) runs the reference
+    decoder as it is.
     """
-    weights = decoder.weight
-    deep_value, shallow_value = _uniform_value(weights.conv_de), _uniform_value(weights.conv_sh)
-    if deep_value is None or shallow_value is None:
+    if box_values is None:
         return decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    deep_value, shallow_value = box_values
     with torch.no_grad():  # as the reference's weights: no gradient through them
         g_ir, g_vis = deep_value * _box_sum_of_channel_sum(ir_deep), deep_value * _box_sum_of_channel_sum(vis_deep)
         total = g_ir + g_vis + 1e-6
@@ -263,9 +266,33 @@ def fusion_decoder(decoder: FusionDecoder, fused: Tensor, ir_deep: Tensor, ir_sh
     return minmax_to_255(decoder.conv_last(y))
 
 
+def uniform_box_values(decoder: FusionDecoder) -> tuple[float, float] | None:
+    """``(w_deep, w_shallow)``: the one value of all weights of ``conv_de`` and of ``conv_sh``, if both
+    are bias-free 3 x 3, zero padding 1 convs whose weights are all equal; else None."""
+    values = (_uniform_value(decoder.weight.conv_de), _uniform_value(decoder.weight.conv_sh))
+    return None if None in values else values
+
+
+class _CheckedBoxValues:
+    """:func:`uniform_box_values` of a decoder, read again only when a box filter's weight changes
+    (another tensor, or a write into it), so that calls do not wait for a GPU to read them."""
+
+    def __init__(self, decoder: FusionDecoder):
+        self.decoder = decoder
+        self._checked_for: tuple | None = None
+        self._values: tuple[float, float] | None = None
+        self.get()
+
+    def get(self) -> tuple[float, float] | None:
+        convs = (self.decoder.weight.conv_de, self.decoder.weight.conv_sh)
+        state = tuple((id(conv.weight), conv.weight.data_ptr(), conv.weight._version, conv.bias is None)
+                      for conv in convs)
+        if state != self._checked_for:
+            self._values, self._checked_for = uniform_box_values(self.decoder), state
+        return self._values
+
+
 def _uniform_value(conv: nn.Conv2d) -> float | None:
-    """The one value of all of ``conv``'s weights, if it is a bias-free 3 x 3, zero padding 1 conv
-    whose weights are all equal; else None."""
     shape_ok = (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
                 and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
                 and conv.bias is None)

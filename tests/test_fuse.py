@@ -133,7 +133,7 @@ def test_fast_crossfuse_gradients_are_the_reference_ones(model):
 def test_fast_decoder_box_filters_as_their_algebra(model):
     """The fusion decoder with its fixed box filters as channel sum + box sum equals the reference
     decoder (fp64: only the order of the sums differs), and runs neither box convolution."""
-    from crossfuse_fast.fast import fusion_decoder
+    from crossfuse_fast.fast import fusion_decoder, uniform_box_values
     decoder = copy.deepcopy(model.fusion.decoder_fusion).double()
     torch.manual_seed(8)
     fused, ir_deep, vis_deep = (torch.randn(2, 128, 5, 7, dtype=torch.float64) for _ in range(3))
@@ -141,7 +141,7 @@ def test_fast_decoder_box_filters_as_their_algebra(model):
     box_calls = []
     for conv in (decoder.weight.conv_de, decoder.weight.conv_sh):
         conv.register_forward_pre_hook(lambda module, inputs: box_calls.append(module))
-    fast = fusion_decoder(decoder, fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    fast = fusion_decoder(decoder, uniform_box_values(decoder), fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
     assert box_calls == []
     reference = decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
     assert (fast - reference).abs().max().item() < 1e-9 * 255
@@ -150,19 +150,42 @@ def test_fast_decoder_box_filters_as_their_algebra(model):
 
 @pytest.mark.parametrize("change", ["one weight", "bias"])
 def test_fast_decoder_with_other_box_weights_is_the_reference(model, change):
-    """The algebra holds for uniform weights only: anything else runs the reference decoder."""
-    from crossfuse_fast.fast import fusion_decoder
-    decoder = copy.deepcopy(model.fusion.decoder_fusion)
-    with torch.no_grad():
-        if change == "one weight":
-            decoder.weight.conv_sh.weight[3, 5, 1, 2] += 0.25
-        else:
-            decoder.weight.conv_de.bias = torch.nn.Parameter(torch.full((128,), 0.5), requires_grad=False)
+    """The algebra holds for uniform weights only: anything else runs the reference decoder, also
+    when the weights change after the fast network was made (it checks them once, then on change)."""
+    from crossfuse_fast.fast import FastFusionNet
+    fusion = copy.deepcopy(model.fusion)
+    fast = FastFusionNet(fusion, "torch")
     torch.manual_seed(9)
-    fused, ir_deep, vis_deep = (torch.randn(1, 128, 4, 6) for _ in range(3))
+    ir_deep, vis_deep = (torch.randn(1, 128, 4, 6) for _ in range(2))
     ir_shallow, vis_shallow = (torch.rand(1, 32, 32, 48) for _ in range(2))
-    fast = fusion_decoder(decoder, fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-    assert torch.equal(fast, decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow))
+    with torch.no_grad():
+        uniform = fast(ir_deep, ir_shallow, vis_deep, vis_shallow)
+        if change == "one weight":
+            fusion.decoder_fusion.weight.conv_sh.weight[3, 5, 1, 2] += 0.25
+        else:
+            fusion.decoder_fusion.weight.conv_de.bias = torch.nn.Parameter(torch.full((128,), 0.5),
+                                                                           requires_grad=False)
+        changed = fast(ir_deep, ir_shallow, vis_deep, vis_shallow)
+        fused = fast.encoder.fuse_deep(ir_deep, vis_deep)
+        reference = fusion.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    assert torch.equal(changed, reference)
+    assert not torch.equal(changed, uniform)
+
+
+def test_fast_decoder_reads_the_box_weights_once(model, monkeypatch):
+    """Reading the weights' values waits for a GPU: done when the fast network is made, not per call."""
+    from crossfuse_fast import fast as fast_module
+    reads = []
+    uniform_value = fast_module._uniform_value
+    monkeypatch.setattr(fast_module, "_uniform_value", lambda conv: reads.append(conv) or uniform_value(conv))
+    network = fast_module.FastFusionNet(model.fusion, "torch")
+    assert len(reads) == 2
+    ir_deep, vis_deep = (torch.rand(1, 128, 4, 4) for _ in range(2))
+    ir_shallow, vis_shallow = (torch.rand(1, 32, 32, 32) for _ in range(2))
+    with torch.no_grad():
+        for _ in range(3):
+            network(ir_deep, ir_shallow, vis_deep, vis_shallow)
+    assert len(reads) == 2
 
 
 def test_fast_backend_on_images(model):
