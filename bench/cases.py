@@ -18,7 +18,7 @@ Providers (each added as it exists):
   twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the convolutions in
   channels_last on a CPU; the cross encoder on windows, on whole deep maps and in training;
   attention alone for ``triton``). Triton providers exist on a GPU only; end to end and in
-  the stage-2 training step, a CPU runs ``fast-torch`` (a GPU ``fast-triton``) and the same
+  the training steps (stage 1: the layout alone), a CPU runs ``fast-torch`` (a GPU ``fast-triton``) and the same
   with the other convolution layout: ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
-from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse, FastFusionNet, image_layout
+from crossfuse_fast.backends import image_layout
+from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse, FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -314,17 +315,26 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
     step_bytes = 2 * tensor_bytes(images) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(autoencoder)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-4, weight_decay=0.9)
 
-    def stage1_step(loss_fn: Callable) -> Callable:
+    def stage1_step(loss_fn: Callable, channels_last: bool | None = False) -> Callable:
+        """``channels_last`` as in ``stage2_step``."""
         def step(batch):
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(autoencoder, batch).backward()
+            loss_fn(autoencoder, image_layout(batch, channels_last)).backward()
             optimizer.step()
         return step
+
+    if on_gpu:
+        fast_stage1 = {"fast-triton": stage1_step(autoencoder_loss, None),
+                       "fast-triton-nhwc": stage1_step(autoencoder_loss, True)}
+    else:
+        fast_stage1 = {"fast-torch": stage1_step(autoencoder_loss, None),
+                       "fast-torch-nchw": stage1_step(autoencoder_loss)}
 
     cases.append(Case(
         name="train stage 1 256x256 b2", group="training", flops=3 * forward, min_bytes=step_bytes,
         make_inputs=lambda seed: _images(2, 256, 256, device, dtype)(seed)[:1],
-        providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss))}),
+        providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss)),
+                        **fast_stage1}),
         quick=True, notes="forward + backward + Adam; MS-SSIM not counted"))
 
     encoders = [AutoEncoder().to(device, dtype).eval().requires_grad_(False) for _ in range(2)]

@@ -1,8 +1,10 @@
-"""The fast backend, imported only when a call asks for it: it needs Triton, the reference does not."""
+"""The fast backend, imported only when a call asks for it: it needs Triton, the reference does not
+(but for the image layout, which is plain PyTorch)."""
 from __future__ import annotations
 
 from types import ModuleType
 
+import torch
 from torch import Tensor, nn
 
 from .model import CrossFuse
@@ -14,9 +16,17 @@ def fast_fusion_net(fusion: FusionNet) -> nn.Module:
     return _fast_module().FastFusionNet(fusion)
 
 
-def fast_image_layout(images: Tensor) -> Tensor:
-    """``images`` in the layout the fast path runs its convolutions in (channels_last on a CPU)."""
-    return _fast_module().image_layout(images)
+def image_layout(images: Tensor, channels_last: bool | None = None) -> Tensor:
+    """``images`` ``[B, 1, H, W]`` in the layout the fast path runs its convolutions in: channels_last
+    (``channels_last=None``: on a CPU only, where it is measured faster), else as they are.
+
+    With one channel both layouts hold the same data, and ``Tensor.contiguous(memory_format=...)``
+    keeps the NCHW strides, from which PyTorch would pick NCHW for every convolution after; a
+    copy into ``empty_like(memory_format=channels_last)`` gets the NHWC strides, which it follows.
+    """
+    if not (channels_last if channels_last is not None else images.device.type == "cpu"):
+        return images
+    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
 
 
 def fast_crossfuse(model: CrossFuse) -> nn.Module:

@@ -71,7 +71,7 @@ def _command_train_autoencoder(args: argparse.Namespace) -> None:
     dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
                if args.synthetic else ImageFolder(args.images, args.size))
     train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      device=args.device, max_steps=args.max_steps, overwrite=args.overwrite)
+                      device=args.device, max_steps=args.max_steps, overwrite=args.overwrite, backend=args.backend)
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how 16-bit images map to 0..255 (default: each image's own range)")
     fuse.add_argument("--device", default="cpu")
     fuse.add_argument("--backend", choices=("reference", "fast"), default="reference",
-                      help="fast: the cross encoder on the fast path (Triton on a GPU), same result up to rounding")
+                      help="fast: the fast path (the Triton cross encoder on a GPU; on a CPU its twins and "
+                      "channels_last convolutions), same result up to rounding")
     fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     fuse.set_defaults(run=_command_fuse)
 
@@ -133,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--vis", help="folder of visible training images, paired by file name")
             sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
             sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
-            sub.add_argument("--backend", choices=("reference", "fast"), default="reference",
-                             help="fast: the cross encoder on the fast path (Triton on a GPU)")
+        sub.add_argument("--backend", choices=("reference", "fast"), default="reference",
+                         help="fast: channels_last convolutions on a CPU" if stage1 else
+                         "fast: the fast path (the Triton cross encoder on a GPU; on a CPU its twins and "
+                         "channels_last convolutions)")
         sub.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N synthetic images/pairs")
         sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
         sub.add_argument("--epochs", type=int, default=4 if stage1 else 32)

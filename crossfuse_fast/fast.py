@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .backends import image_layout
 from .model import CrossFuse
 from .reference.functional import PATCH, WINDOW, match_size, minmax_to_255
 from .reference.fusion import FusionDecoder, FusionNet
@@ -330,16 +331,3 @@ class FastCrossFuse(nn.Module):
     def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
         ir, vis = image_layout(ir, self.channels_last), image_layout(vis, self.channels_last)
         return self.reference(ir, vis, fusion=self.fusion)
-
-
-def image_layout(images: Tensor, channels_last: bool | None = None) -> Tensor:
-    """``images`` ``[B, 1, H, W]`` in the layout the fast path runs its convolutions in: channels_last
-    (``channels_last=None``: on a CPU only, where it is measured faster), else as they are.
-
-    With one channel both layouts hold the same data, and ``Tensor.contiguous(memory_format=...)``
-    keeps the NCHW strides, from which PyTorch would pick NCHW for every convolution after; a
-    copy into ``empty_like(memory_format=channels_last)`` gets the NHWC strides, which it follows.
-    """
-    if not (channels_last if channels_last is not None else images.device.type == "cpu"):
-        return images
-    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import fast_fusion_net, fast_image_layout
+from .backends import fast_fusion_net, image_layout
 from .checkpoints import save_tensors
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
@@ -62,20 +62,29 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
                       lr: float = 1e-4, weight_decay: float = 0.9, decay_from_epoch: int = 3,
                       decay: float = 0.1, device: str | torch.device = "cpu", max_steps: int | None = None,
                       autoencoder: AutoEncoder | None = None, overwrite: bool = False, seed: int = 0,
-                      log: Callable[[str], None] = print) -> AutoEncoder:
+                      backend: str = "reference", log: Callable[[str], None] = print) -> AutoEncoder:
     """Stage 1 on ``dataset`` (items ``[1, H, W]`` on 0..255), writing ``autoencoder_epoch<n>.model``.
 
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
     learning rate x 0.1 from the third epoch on. ``max_steps`` caps the batches per epoch.
+    ``backend="fast"`` runs the convolutions in channels_last on a CPU (a step on a 256 x 256
+    batch of 2, 2 cores: bench/RESULTS.md, ``train stage 1``); elsewhere it is the reference.
     """
+    _check_backend(backend)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
     torch.manual_seed(seed)
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
-    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(model, images.to(device)),
+    layout = image_layout if backend == "fast" else (lambda images: images)
+    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(model, layout(images.to(device))),
                 optimizer, scheduler, paths, max_steps, overwrite, log)
     return model
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in TRAINING_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(TRAINING_BACKENDS)}")
 
 
 def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder: AutoEncoder,
@@ -94,8 +103,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     algebra, and on a CPU the convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
     cores: 1.36x the reference's; bench/RESULTS.md, ``train stage 2``, run at 91301c9).
     """
-    if backend not in TRAINING_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(TRAINING_BACKENDS)}")
+    _check_backend(backend)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
     torch.manual_seed(seed)
     for encoder in (ir_autoencoder, vis_autoencoder):
@@ -106,7 +114,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
     network = fast_fusion_net(model) if backend == "fast" else model
-    layout = fast_image_layout if backend == "fast" else (lambda images: images)
+    layout = image_layout if backend == "fast" else (lambda images: images)
 
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ir, vis = layout(pair[0].to(device)), layout(pair[1].to(device))

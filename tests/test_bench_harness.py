@@ -122,5 +122,6 @@ def test_every_case_builds_on_a_cpu_with_its_providers():
     assert all(case.providers and case.flops > 0 and case.min_bytes > 0 for case in cases)
     cpu_providers = {provider for case in cases for provider in case.providers}
     assert cpu_providers == {"eager", "compile", "released", "api", "sdpa", "fast-torch", "fast-torch-nchw"}
-    training = next(case for case in cases if case.name.startswith("train stage 2"))
-    assert {"fast-torch", "fast-torch-nchw"} <= set(training.providers)
+    for stage in ("train stage 1", "train stage 2"):
+        training = next(case for case in cases if case.name.startswith(stage))
+        assert {"fast-torch", "fast-torch-nchw"} <= set(training.providers), stage

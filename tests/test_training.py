@@ -173,6 +173,19 @@ def test_fast_backend_gives_the_reference_loss_and_gradients():
     assert worst(fast) <= 2 * worst(reference) + 1e-6
 
 
+def test_train_autoencoder_fast_backend(tmp_path):
+    """Stage 1's fast backend is the layout alone: on a CPU the convolutions see NHWC maps."""
+    autoencoder = AutoEncoder()
+    channels_innermost = []
+    autoencoder.fea_encoder1.conv1.conv2d[0].register_forward_pre_hook(
+        lambda module, inputs: channels_innermost.append(inputs[0].stride()[1] == 1))
+    train_autoencoder(SyntheticPairs(2, 32, modality="vis"), tmp_path, epochs=1, max_steps=1, autoencoder=autoencoder,
+                      backend="fast", log=lambda line: None)
+    assert (tmp_path / "autoencoder_epoch1.model").exists() and channels_innermost == [True]
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        train_autoencoder(SyntheticPairs(2, 32), tmp_path / "other", epochs=1, backend="triton")
+
+
 def test_train_fusion_fast_backend(tmp_path, monkeypatch):
     calls = []
     forward = FastFusionNet.forward
