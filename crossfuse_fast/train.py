@@ -68,7 +68,8 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
     learning rate x 0.1 from the third epoch on. ``max_steps`` caps the batches per epoch.
     ``backend="fast"`` runs the convolutions in channels_last on a CPU (a step on a 256 x 256
-    batch of 2, 2 cores: bench/RESULTS.md, ``train stage 1``); elsewhere it is the reference.
+    batch of 2, 2 cores: 1.18x the reference's; bench/RESULTS.md, ``train stage 1``, run at
+    99a63e3); elsewhere it is the reference.
     """
     _check_backend(backend)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
