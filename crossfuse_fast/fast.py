@@ -1,4 +1,4 @@
-"""The fast path's transformer half: the reference cross encoder's weights run through fused ops.
+"""The fast path: the reference model's own weights, run through fused ops.
 
 ``FastCrossEncoder(reference_encoder, backend)`` holds the reference module itself (so both
 run, and train, the very same parameters) and computes the same function with:
@@ -18,7 +18,9 @@ run, and train, the very same parameters) and computes the same function with:
 ``backend="triton"`` uses the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU);
 ``backend="torch"`` their PyTorch twins, which is the CPU path; ``backend="auto"`` picks by the
 inputs' device. :class:`FastFusionNet` puts the fast encoder inside a reference fusion network
-(``fuse(backend="fast")`` and ``train_fusion(backend="fast")``).
+and computes the decoder's fixed box filters as their algebra (``train_fusion(backend="fast")``);
+:class:`FastCrossFuse` is the whole model with it, and on a CPU runs every convolution in
+channels_last (``fuse(backend="fast")``). The convolutions themselves are still PyTorch's.
 """
 from __future__ import annotations
 
