@@ -35,9 +35,11 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
       stretches each image's own range linearly, as thermal cameras' raw counts rarely fill
       16 bits; ``"full"`` divides by 257 (65535 -> 255).
 
-    ``backend="reference"`` runs the reference model; ``"fast"`` runs its cross encoder on the
-    fast path (the Triton kernels on a GPU, their PyTorch twins on a CPU) with the same weights
-    and result up to float rounding; the convolutions are the reference's in both.
+    ``backend="reference"`` runs the reference model; ``"fast"`` runs the same weights on the
+    fast path (:class:`crossfuse_fast.fast.FastCrossFuse`: the cross encoder on the Triton kernels
+    on a GPU, their PyTorch twins on a CPU; the decoder's box filters as their algebra; on a CPU
+    the convolutions in channels_last), with the same result up to float rounding. It needs
+    Triton installed, and says so in a ``ValueError`` where it is not.
 
     ``model`` is a :class:`CrossFuse` (``CrossFuse.from_original(...)`` for the released
     weights) or the path of a file written by ``CrossFuse.save``. It runs in eval mode;
