@@ -260,12 +260,18 @@ def fusion_decoder(decoder: FusionDecoder, box_values: tuple[float, float] | Non
     y = fused + w_ir * ir_deep + w_vis * vis_deep
     y = decoder.conv_block(decoder.up(decoder.conv1(y)))
     y = match_size(y, ir_shallow.shape[-2], ir_shallow.shape[-1])
+    sources_need_grad = torch.is_grad_enabled() and (ir_shallow.requires_grad or vis_shallow.requires_grad)
     with torch.no_grad():
-        s_ir = (ir_shallow - shallow_value * _box_sum_of_channel_sum(ir_shallow)).abs()
-        s_vis = (vis_shallow - shallow_value * _box_sum_of_channel_sum(vis_shallow)).abs()
-        total = s_ir + s_vis + 1e-6
-        w_ir, w_vis = s_ir / total, s_vis / total
-    y = y + 0.5 * w_ir * ir_shallow + w_vis * vis_shallow  # the 0.5 on infrared alone, as released
+        s_ir = torch.sub(ir_shallow, _box_sum_of_channel_sum(ir_shallow), alpha=shallow_value).abs_()
+        s_vis = torch.sub(vis_shallow, _box_sum_of_channel_sum(vis_shallow), alpha=shallow_value).abs_()
+        total = torch.add(s_ir, s_vis).add_(1e-6)
+        if not sources_need_grad:
+            # The same sum as below, (0.5 s_ir ir + s_vis vis) / total, in place: 8 full-resolution
+            # passes instead of 13 (480 x 640 on 2 CPU cores: 143 -> 61 ms).
+            skip = s_ir.mul_(ir_shallow).mul_(0.5).addcmul_(s_vis, vis_shallow).div_(total)
+    if sources_need_grad:
+        skip = 0.5 * (s_ir / total) * ir_shallow + (s_vis / total) * vis_shallow
+    y = y + skip  # the 0.5 on infrared alone, as released
     return minmax_to_255(decoder.conv_last(y))
 
 
