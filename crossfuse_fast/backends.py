@@ -12,7 +12,8 @@ from .reference import FusionNet
 
 
 def fast_fusion_net(fusion: FusionNet) -> nn.Module:
-    """``fusion`` with its cross encoder on the fast path (``train_fusion(backend="fast")``)."""
+    """``fusion`` on the fast path: its cross encoder fused, its box filters as their algebra
+    (``train_fusion(backend="fast")``)."""
     return _fast_module().FastFusionNet(fusion)
 
 
