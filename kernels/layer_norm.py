@@ -29,7 +29,7 @@ from torch import Tensor
 from ..reference.functional import PATCH
 from .compiler_options import COMPILER_OPTIONS
 from .dispatch import direct_call
-from .windows import (DUMMY_GEOMETRY, WindowGrid, fold_reflection_padding, map_to_tokens, tokens_to_map,
+from .windows import (WindowGrid, fold_reflection_padding, map_to_tokens, tokens_to_map,
                       window_token_offsets)
 
 ROWS_PER_PROGRAM = 16
@@ -37,6 +37,33 @@ ROWS_PER_PROGRAM = 16
 
 @triton.jit
 def _layer_norm_fwd_kernel(
+    X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps,
+    HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr, HAS_PLUS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Tokens in, tokens out. The map geometry is not among the arguments (each costs host time at
+    every launch, 2-3 us for the ten of them): constants here, unused without a map."""
+    _layer_norm_fwd_row(X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1,
+                        X_FROM_MAP=False, HAS_RESIDUAL=HAS_RESIDUAL, STORE_S=STORE_S, HAS_PLUS=HAS_PLUS,
+                        Y_TO_MAP=False, PATCH=1, BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_map_fwd_kernel(
+    X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps,
+    map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
+    windows_per_image,
+    X_FROM_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr, HAS_PLUS: tl.constexpr,
+    Y_TO_MAP: tl.constexpr, PATCH: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The cross encoder's ends: tokens read from a map (``X_FROM_MAP``) or written into one (``Y_TO_MAP``)."""
+    _layer_norm_fwd_row(X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps, map_sb, map_sc, map_sh, map_sw,
+                        map_height, map_width, window_height, window_width, windows_per_row, windows_per_image,
+                        X_FROM_MAP=X_FROM_MAP, HAS_RESIDUAL=HAS_RESIDUAL, STORE_S=STORE_S, HAS_PLUS=HAS_PLUS,
+                        Y_TO_MAP=Y_TO_MAP, PATCH=PATCH, BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_fwd_row(
     X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps,
     map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
     windows_per_image,
@@ -76,6 +103,34 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
+    DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DW_PARTIAL, DB_PARTIAL, rows, cols,
+    HAS_DS_EXTRA: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Tokens in, tokens out; as in the forward, the unused map geometry is constants here."""
+    _layer_norm_bwd_rows(DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DS, DW_PARTIAL, DB_PARTIAL, rows, cols,
+                         0, 0, 0, 0, 1, 1, 1, 1, 1, 1, DY_FROM_MAP=False, STORE_DY_TOKENS=False,
+                         HAS_DS_EXTRA=HAS_DS_EXTRA, DS_TO_MAP=False, PATCH=1, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+                         BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_map_bwd_kernel(
+    DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DY_TOKENS, DW_PARTIAL, DB_PARTIAL, rows, cols,
+    map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
+    windows_per_image,
+    DY_FROM_MAP: tl.constexpr, STORE_DY_TOKENS: tl.constexpr, HAS_DS_EXTRA: tl.constexpr,
+    DS_TO_MAP: tl.constexpr, PATCH: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The ends' backwards: the output map's gradient read by address, or the input map's written."""
+    _layer_norm_bwd_rows(DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DY_TOKENS, DW_PARTIAL, DB_PARTIAL, rows, cols,
+                         map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width,
+                         windows_per_row, windows_per_image, DY_FROM_MAP=DY_FROM_MAP,
+                         STORE_DY_TOKENS=STORE_DY_TOKENS, HAS_DS_EXTRA=HAS_DS_EXTRA, DS_TO_MAP=DS_TO_MAP,
+                         PATCH=PATCH, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _layer_norm_bwd_rows(
     DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DY_TOKENS, DW_PARTIAL, DB_PARTIAL, rows, cols,
     map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
     windows_per_image,
@@ -138,36 +193,46 @@ def _rows_and_features(tokens: Tensor) -> tuple[int, int]:
 
 
 def _launch_fwd(x: Tensor, residual: Tensor | None, plus: Tensor | None, weight: Tensor, bias: Tensor,
-                y: Tensor, s: Tensor | None, rows: int, cols: int, eps: float, geometry: tuple[int, ...],
+                y: Tensor, s: Tensor | None, rows: int, cols: int, eps: float, geometry: tuple[int, ...] = (),
                 x_from_map: bool = False, y_to_map: bool = False) -> tuple[Tensor, Tensor]:
-    """One program per row; unused pointers alias ``y`` (their loads and stores are compiled out)."""
+    """One program per row; unused pointers alias ``y`` (their loads and stores are compiled out).
+    ``geometry`` (:meth:`WindowGrid.kernel_args`) only with ``x_from_map`` or ``y_to_map``."""
     mean = torch.empty(rows, device=y.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=y.device, dtype=torch.float32)
-    if rows:
-        _layer_norm_fwd_kernel[(rows,)](
-            x, residual if residual is not None else y, plus if plus is not None else y, weight, bias, y,
-            s if s is not None else y, mean, rstd, cols, eps, *geometry,
-            X_FROM_MAP=x_from_map, HAS_RESIDUAL=residual is not None, STORE_S=s is not None,
-            HAS_PLUS=plus is not None, Y_TO_MAP=y_to_map, PATCH=PATCH, BLOCK_N=triton.next_power_of_2(cols),
-            **COMPILER_OPTIONS)
+    if not rows:
+        return mean, rstd
+    operands = (x, residual if residual is not None else y, plus if plus is not None else y, weight, bias, y,
+                s if s is not None else y, mean, rstd, cols, eps)
+    flags = dict(HAS_RESIDUAL=residual is not None, STORE_S=s is not None, HAS_PLUS=plus is not None,
+                 BLOCK_N=triton.next_power_of_2(cols), **COMPILER_OPTIONS)
+    if x_from_map or y_to_map:
+        _layer_norm_map_fwd_kernel[(rows,)](*operands, *geometry, X_FROM_MAP=x_from_map, Y_TO_MAP=y_to_map,
+                                            PATCH=PATCH, **flags)
+    else:
+        _layer_norm_fwd_kernel[(rows,)](*operands, **flags)
     return mean, rstd
 
 
 def _launch_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                ds: Tensor, grad_y_tokens: Tensor | None, geometry: tuple[int, ...],
+                ds: Tensor, grad_y_tokens: Tensor | None, geometry: tuple[int, ...] = (),
                 dy_from_map: bool = False, ds_to_map: bool = False) -> tuple[Tensor, Tensor]:
-    """``ds`` (and ``grad_y_tokens``) written; returns ``(dw, db)`` summed over the programs' partials."""
+    """``ds`` (and ``grad_y_tokens``) written; returns ``(dw, db)`` summed over the programs' partials.
+    ``geometry`` only with ``dy_from_map`` or ``ds_to_map``."""
     rows, cols = _rows_and_features(s)
     programs = max(1, triton.cdiv(rows, ROWS_PER_PROGRAM))
     dw_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
     db_partial = torch.empty(programs, cols, device=s.device, dtype=torch.float32)
-    if rows:
-        _layer_norm_bwd_kernel[(programs,)](
-            grad_y, grad_s if grad_s is not None else s, s, weight, mean, rstd, ds,
-            grad_y_tokens if grad_y_tokens is not None else s, dw_partial, db_partial, rows, cols, *geometry,
-            DY_FROM_MAP=dy_from_map, STORE_DY_TOKENS=grad_y_tokens is not None, HAS_DS_EXTRA=grad_s is not None,
-            DS_TO_MAP=ds_to_map, PATCH=PATCH, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
-            BLOCK_N=triton.next_power_of_2(cols), **COMPILER_OPTIONS)
+    flags = dict(HAS_DS_EXTRA=grad_s is not None, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+                 BLOCK_N=triton.next_power_of_2(cols), **COMPILER_OPTIONS)
+    ds_extra = grad_s if grad_s is not None else s
+    if rows and (dy_from_map or ds_to_map or grad_y_tokens is not None):
+        _layer_norm_map_bwd_kernel[(programs,)](
+            grad_y, ds_extra, s, weight, mean, rstd, ds, grad_y_tokens if grad_y_tokens is not None else s,
+            dw_partial, db_partial, rows, cols, *geometry, DY_FROM_MAP=dy_from_map,
+            STORE_DY_TOKENS=grad_y_tokens is not None, DS_TO_MAP=ds_to_map, PATCH=PATCH, **flags)
+    elif rows:
+        _layer_norm_bwd_kernel[(programs,)](grad_y, ds_extra, s, weight, mean, rstd, ds, dw_partial, db_partial,
+                                            rows, cols, **flags)
     else:
         dw_partial.zero_()
         db_partial.zero_()
@@ -187,7 +252,7 @@ def layer_norm_fwd(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
     mean, rstd = _launch_fwd(x, residual.contiguous() if residual is not None else None, None, weight, bias, y, s,
-                             rows, cols, eps, DUMMY_GEOMETRY)
+                             rows, cols, eps)
     return y, s, mean, rstd
 
 
@@ -197,7 +262,7 @@ def layer_norm_bwd(grad_y: Tensor, grad_s: Tensor | None, s: Tensor, weight: Ten
     s = s.contiguous()
     ds = torch.empty_like(s)
     dw, db = _launch_bwd(grad_y.contiguous(), grad_s.contiguous() if grad_s is not None else None, s, weight, mean,
-                         rstd, ds, None, DUMMY_GEOMETRY)
+                         rstd, ds, None)
     return ds, dw, db
 
 

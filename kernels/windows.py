@@ -125,10 +125,6 @@ def window_token_offsets(row, features, stride_b, stride_c, stride_h, stride_w, 
     return image * stride_b + channel * stride_c + y * stride_h + x * stride_w, inside
 
 
-DUMMY_GEOMETRY = (0, 0, 0, 0, 1, 1, PATCH, PATCH, 1, 1)
-"""Geometry arguments for a launch that addresses no map (every kernel takes them)."""
-
-
 def map_to_tokens(x: Tensor, window: tuple[int, int]) -> Tensor:
     """The PyTorch twin of a windowed read: the reference's pad, windows and patches (copies)."""
     WindowGrid.of(x.shape, window)

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 EXPECTED_KERNELS = {
     "_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
-    "_attention_bwd_dq_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_bias_gelu_fwd_kernel",
-    "_bias_gelu_bwd_kernel", "_linear_gelu_kernel"}
+    "_attention_bwd_dq_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_map_fwd_kernel",
+    "_layer_norm_map_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_linear_gelu_kernel"}
 MEASURED_SPILLS = {("_attention_fwd_kernel", "float32")}
 """Tiles chosen by timing on an H100 although Triton 3.9 spills registers there (bench/NOTES.md)."""
 
