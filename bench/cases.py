@@ -18,8 +18,9 @@ Providers (each added as it exists):
   twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the convolutions in
   channels_last on a CPU; the cross encoder on windows, on whole deep maps and in training;
   attention alone for ``triton``). Triton providers exist on a GPU only; end to end and in
-  the training steps (stage 1: the layout alone), a CPU runs ``fast-torch`` (a GPU ``fast-triton``) and the same
-  with the other convolution layout: ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
+  the training steps (stage 1: the layout alone), a CPU runs ``fast-torch`` (a GPU
+  ``fast-triton``) and the same with the other convolution layout: ``fast-torch-nchw`` (a GPU:
+  ``fast-triton-nhwc``).
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -94,10 +95,13 @@ def released_style_cross_encoder(encoder: torch.nn.Module, ir_deep: torch.Tensor
     return fused[..., :height, :width]
 
 
-def _fast_fuse(model: CrossFuse, backend: str, channels_last: bool | None = None) -> Callable:
-    """``fuse(backend="fast")``'s network (:class:`FastCrossFuse`); ``channels_last`` forces the
-    convolutions' layout, which by default is channels_last on a CPU only."""
-    return FastCrossFuse(model, backend, channels_last)
+def _fast_in_both_layouts(make: Callable[[str, bool | None], Callable], on_gpu: bool) -> dict[str, Callable]:
+    """The fast path as users get it (``fast-torch`` on a CPU, ``fast-triton`` on a GPU) and with
+    the other convolution layout (``fast-torch-nchw``, ``fast-triton-nhwc``), from
+    ``make(backend, channels_last)`` (``channels_last=None``: the default layout of that device)."""
+    if on_gpu:
+        return {"fast-triton": make("triton", None), "fast-triton-nhwc": make("triton", True)}
+    return {"fast-torch": make("torch", None), "fast-torch-nchw": make("torch", False)}
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -150,11 +154,8 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
                                 "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis)),
                                 "api": lambda ir, vis: fuse(ir, vis, model=model),
-                                **({"fast-triton": _inference(_fast_fuse(model, "triton")),
-                                    "fast-triton-nhwc": _inference(_fast_fuse(model, "triton", channels_last=True))}
-                                   if on_gpu else
-                                   {"fast-torch": _inference(_fast_fuse(model, "torch")),
-                                    "fast-torch-nchw": _inference(_fast_fuse(model, "torch", channels_last=False))})}),
+                                **_fast_in_both_layouts(lambda backend, layout: _inference(
+                                    FastCrossFuse(model, backend, layout)), on_gpu)}),
                 quick=batch == 1 and height <= 480, notes=f"{windows} windows"))
 
     for windows in (6, 48, 384):
@@ -323,18 +324,11 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
             optimizer.step()
         return step
 
-    if on_gpu:
-        fast_stage1 = {"fast-triton": stage1_step(autoencoder_loss, None),
-                       "fast-triton-nhwc": stage1_step(autoencoder_loss, True)}
-    else:
-        fast_stage1 = {"fast-torch": stage1_step(autoencoder_loss, None),
-                       "fast-torch-nchw": stage1_step(autoencoder_loss)}
-
     cases.append(Case(
         name="train stage 1 256x256 b2", group="training", flops=3 * forward, min_bytes=step_bytes,
         make_inputs=lambda seed: _images(2, 256, 256, device, dtype)(seed)[:1],
         providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss)),
-                        **fast_stage1}),
+                        **_fast_in_both_layouts(lambda _, layout: stage1_step(autoencoder_loss, layout), on_gpu)}),
         quick=True, notes="forward + backward + Adam; MS-SSIM not counted"))
 
     encoders = [AutoEncoder().to(device, dtype).eval().requires_grad_(False) for _ in range(2)]
@@ -359,19 +353,13 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
             fusion_optimizer.step()
         return step
 
-    if on_gpu:
-        fast_steps = {"fast-triton": stage2_step(fusion_loss, FastFusionNet(fusion, "triton"), None),
-                      "fast-triton-nhwc": stage2_step(fusion_loss, FastFusionNet(fusion, "triton"), True)}
-    else:
-        fast_steps = {"fast-torch": stage2_step(fusion_loss, FastFusionNet(fusion, "torch"), None),
-                      "fast-torch-nchw": stage2_step(fusion_loss, FastFusionNet(fusion, "torch"))}
-
     cases.append(Case(
         name="train stage 2 256x256 b8", group="training", flops=encoder_flops + 3 * fusion_flops,
         min_bytes=3 * tensor_bytes(crops) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(fusion, trainable_only=True)
         + 2 * parameter_bytes(encoders[0].fea_encoder1),
         make_inputs=_images(8, 256, 256, device, dtype),
         providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss)),
-                        **fast_steps}),
+                        **_fast_in_both_layouts(lambda backend, layout: stage2_step(
+                            fusion_loss, FastFusionNet(fusion, backend), layout), on_gpu)}),
         quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
     return cases

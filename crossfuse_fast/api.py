@@ -7,10 +7,9 @@ import cv2
 import numpy as np
 import torch
 
-from .backends import fast_crossfuse
+from .backends import check_backend, fast_crossfuse
 from .model import CrossFuse
 
-BACKENDS = ("reference", "fast")
 UINT16_SCALINGS = ("minmax", "full")
 MIN_SIDE = 8
 """Smallest image side: three 2 x 2 poolings must leave at least one deep pixel."""
@@ -46,8 +45,7 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
     its own mode is restored afterwards. Mismatched sizes, wrong dtypes or shapes, NaN or
     infinite values and images under 8 x 8 raise ``ValueError`` naming the problem.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    check_backend(backend)
     if uint16_scaling not in UINT16_SCALINGS:
         raise ValueError(f"unknown uint16_scaling {uint16_scaling!r}; use one of {', '.join(UINT16_SCALINGS)}")
     if isinstance(model, (str, os.PathLike)):

@@ -1,5 +1,5 @@
-"""The fast backend, imported only when a call asks for it: it needs Triton, the reference does not
-(but for the image layout, which is plain PyTorch)."""
+"""The backends a call may ask for; the fast one is imported only then, since it needs Triton and
+the reference does not (the image layout is plain PyTorch)."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -9,6 +9,14 @@ from torch import Tensor, nn
 
 from .model import CrossFuse
 from .reference import FusionNet
+
+BACKENDS = ("reference", "fast")
+"""What ``fuse``, ``train_autoencoder``, ``train_fusion`` and the command line take as ``backend``."""
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
 def fast_fusion_net(fusion: FusionNet) -> nn.Module:

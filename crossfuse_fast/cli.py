@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .backends import BACKENDS
 from .checkpoints import load_into
 from .data import IMAGE_SUFFIXES, ImageFolder, PairedFolders, SyntheticPairs
 from .reference import AutoEncoder
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--uint16-scaling", choices=("minmax", "full"), default="minmax",
                       help="how 16-bit images map to 0..255 (default: each image's own range)")
     fuse.add_argument("--device", default="cpu")
-    fuse.add_argument("--backend", choices=("reference", "fast"), default="reference",
+    fuse.add_argument("--backend", choices=BACKENDS, default="reference",
                       help="fast: the fast path (the Triton cross encoder on a GPU; on a CPU its twins and "
                       "channels_last convolutions), same result up to rounding")
     fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--vis", help="folder of visible training images, paired by file name")
             sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
             sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
-        sub.add_argument("--backend", choices=("reference", "fast"), default="reference",
+        sub.add_argument("--backend", choices=BACKENDS, default="reference",
                          help="fast: channels_last convolutions on a CPU" if stage1 else
                          "fast: the fast path (the Triton cross encoder on a GPU; on a CPU its twins and "
                          "channels_last convolutions)")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import kernels
 from .backends import image_layout
 from .model import CrossFuse
-from .reference.functional import PATCH, WINDOW, match_size, minmax_to_255
+from .reference.functional import PATCH, WINDOW
 from .reference.fusion import FusionDecoder, FusionNet
 from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
 
@@ -252,18 +252,18 @@ def fusion_decoder(decoder: FusionDecoder, box_values: tuple[float, float] | Non
     """
     if box_values is None:
         return decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-    deep_value, shallow_value = box_values
+    # w times a 3 x 3 box sum is 9 w times the box mean, which needs no kernel tensor per call.
+    deep_scale, shallow_scale = (9.0 * value for value in box_values)
     with torch.no_grad():  # as the reference's weights: no gradient through them
-        g_ir, g_vis = deep_value * _box_sum_of_channel_sum(ir_deep), deep_value * _box_sum_of_channel_sum(vis_deep)
+        g_ir = deep_scale * _box_mean_of_channel_sum(ir_deep)
+        g_vis = deep_scale * _box_mean_of_channel_sum(vis_deep)
         total = g_ir + g_vis + 1e-6
         w_ir, w_vis = g_ir / total, g_vis / total
-    y = fused + w_ir * ir_deep + w_vis * vis_deep
-    y = decoder.conv_block(decoder.up(decoder.conv1(y)))
-    y = match_size(y, ir_shallow.shape[-2], ir_shallow.shape[-1])
+    y = decoder.upsample(fused + w_ir * ir_deep + w_vis * vis_deep, ir_shallow.shape[-2], ir_shallow.shape[-1])
     sources_need_grad = torch.is_grad_enabled() and (ir_shallow.requires_grad or vis_shallow.requires_grad)
     with torch.no_grad():
-        s_ir = torch.sub(ir_shallow, _box_sum_of_channel_sum(ir_shallow), alpha=shallow_value).abs_()
-        s_vis = torch.sub(vis_shallow, _box_sum_of_channel_sum(vis_shallow), alpha=shallow_value).abs_()
+        s_ir = torch.sub(ir_shallow, _box_mean_of_channel_sum(ir_shallow), alpha=shallow_scale).abs_()
+        s_vis = torch.sub(vis_shallow, _box_mean_of_channel_sum(vis_shallow), alpha=shallow_scale).abs_()
         total = torch.add(s_ir, s_vis).add_(1e-6)
         if not sources_need_grad:
             # The same sum as below, (0.5 s_ir ir + s_vis vis) / total, in place: 8 full-resolution
@@ -271,8 +271,7 @@ def fusion_decoder(decoder: FusionDecoder, box_values: tuple[float, float] | Non
             skip = s_ir.mul_(ir_shallow).mul_(0.5).addcmul_(s_vis, vis_shallow).div_(total)
     if sources_need_grad:
         skip = 0.5 * (s_ir / total) * ir_shallow + (s_vis / total) * vis_shallow
-    y = y + skip  # the 0.5 on infrared alone, as released
-    return minmax_to_255(decoder.conv_last(y))
+    return decoder.output(y + skip)  # the 0.5 on infrared alone, as released
 
 
 def uniform_box_values(decoder: FusionDecoder) -> tuple[float, float] | None:
@@ -311,10 +310,9 @@ def _uniform_value(conv: nn.Conv2d) -> float | None:
     return weight.flatten()[0].item()
 
 
-def _box_sum_of_channel_sum(x: Tensor) -> Tensor:
-    """``[B, 1, H, W]``: the 3 x 3 sum (zero padding) of ``x`` summed over its channels."""
-    ones = torch.ones(1, 1, 3, 3, device=x.device, dtype=x.dtype)
-    return F.conv2d(x.sum(1, keepdim=True), ones, padding=1)
+def _box_mean_of_channel_sum(x: Tensor) -> Tensor:
+    """``[B, 1, H, W]``: the 3 x 3 mean (zero padding, always over 9) of ``x`` summed over its channels."""
+    return F.avg_pool2d(x.sum(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=True)
 
 
 class FastCrossFuse(nn.Module):

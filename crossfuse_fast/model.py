@@ -33,7 +33,8 @@ class CrossFuse(nn.Module):
         """``fusion`` replaces ``self.fusion`` for this call (``crossfuse_fast.fast.FastFusionNet``)."""
         ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
-        return (fusion or self.fusion)(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
+        fusion = fusion if fusion is not None else self.fusion
+        return fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
 
     @classmethod
     def from_original(cls, *, ir_autoencoder: str | os.PathLike, vis_autoencoder: str | os.PathLike,

@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import fast_fusion_net, image_layout
+from .backends import check_backend, fast_fusion_net, image_layout
 from .checkpoints import save_tensors
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
-
-TRAINING_BACKENDS = ("reference", "fast")
 
 
 def _adam_with_step_decay(parameters, lr: float, weight_decay: float, decay_from_epoch: int,
@@ -71,7 +69,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     batch of 2, 2 cores: 1.18x the reference's; bench/RESULTS.md, ``train stage 1``, run at
     99a63e3); elsewhere it is the reference.
     """
-    _check_backend(backend)
+    check_backend(backend)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
     torch.manual_seed(seed)
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
@@ -81,11 +79,6 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(model, layout(images.to(device))),
                 optimizer, scheduler, paths, max_steps, overwrite, log)
     return model
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in TRAINING_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(TRAINING_BACKENDS)}")
 
 
 def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder: AutoEncoder,
@@ -104,7 +97,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     algebra, and on a CPU the convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
     cores: 1.36x the reference's; bench/RESULTS.md, ``train stage 2``, run at 91301c9).
     """
-    _check_backend(backend)
+    check_backend(backend)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
     torch.manual_seed(seed)
     for encoder in (ir_autoencoder, vis_autoencoder):

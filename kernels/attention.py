@@ -323,6 +323,12 @@ def _merged_view(out: Tensor, heads: int) -> Tensor:
     return out.view(batch, tokens, heads, columns // heads).transpose(1, 2)
 
 
+def _head_strides(x: Tensor, head_dim: int) -> tuple[int, int, int]:
+    """``[batch, head, token]`` strides of the heads packed in the last dimension of ``x``
+    ``[B, N, ...]`` (a projection, or a merged-heads output): what :func:`_launch_fwd` takes."""
+    return x.stride(0), head_dim, x.stride(1)
+
+
 def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -337,9 +343,8 @@ def _attention_impl(q: Tensor, k: Tensor, v: Tensor, reverse: bool, scale: float
     batch, heads, tokens, head_dim = q.shape
     channels = heads * head_dim
     out = torch.empty(batch, tokens, channels, device=q.device, dtype=q.dtype)
-    out_strides = (tokens * channels, head_dim, channels)  # [B, H, N, D] view of the merged [B, N, H * D]
-    lse = _launch_fwd(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out_strides, batch, heads,
-                      tokens, head_dim, reverse, scale)
+    lse = _launch_fwd(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], _head_strides(out, head_dim),
+                      batch, heads, tokens, head_dim, reverse, scale)
     return out, lse
 
 
@@ -396,10 +401,10 @@ def _self_attention_impl(qkv: Tensor, heads: int, reverse: bool, scale: float) -
     head_dim = _packed_head_dim(columns, 3, heads)
     channels = columns // 3
     out = torch.empty(batch, tokens, channels, device=qkv.device, dtype=qkv.dtype)
-    strides = (qkv.stride(0), head_dim, qkv.stride(1))
+    strides = _head_strides(qkv, head_dim)
     lse = _launch_fwd(qkv, qkv.narrow(-1, channels, channels), qkv.narrow(-1, 2 * channels, channels), out,
-                      strides, strides, strides, (tokens * channels, head_dim, channels), batch, heads, tokens,
-                      head_dim, reverse, scale)
+                      strides, strides, strides, _head_strides(out, head_dim), batch, heads, tokens, head_dim,
+                      reverse, scale)
     return out, lse
 
 
@@ -450,10 +455,9 @@ def _cross_attention_impl(q: Tensor, kv: Tensor, heads: int, reverse: bool,
         raise ValueError(f"kv must be [{batch}, {tokens}, {2 * channels}] {q.dtype} for q {tuple(q.shape)}, "
                          f"got {tuple(kv.shape)} {kv.dtype}")
     out = torch.empty_like(q)
-    kv_strides = (kv.stride(0), head_dim, kv.stride(1))
-    lse = _launch_fwd(q, kv, kv.narrow(-1, channels, channels), out, (q.stride(0), head_dim, q.stride(1)),
-                      kv_strides, kv_strides, (tokens * channels, head_dim, channels), batch, heads, tokens, head_dim,
-                      reverse, scale)
+    kv_strides = _head_strides(kv, head_dim)
+    lse = _launch_fwd(q, kv, kv.narrow(-1, channels, channels), out, _head_strides(q, head_dim), kv_strides,
+                      kv_strides, _head_strides(out, head_dim), batch, heads, tokens, head_dim, reverse, scale)
     return out, lse
 
 

@@ -20,13 +20,18 @@ BLOCK = 1024
 
 
 @triton.jit
+def gelu(z):
+    """The exact GELU, ``z * Phi(z)`` with the erf, in fp32 (also the fused fc1 GEMM's epilogue)."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
 def _bias_gelu_fwd_kernel(X, B, Y, numel, cols, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     z += tl.load(B + offs % cols, mask=mask, other=0.0).to(tl.float32)
-    y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, gelu(z).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -40,11 +40,12 @@ def _layer_norm_fwd_kernel(
     X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps,
     HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr, HAS_PLUS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Tokens in, tokens out. The map geometry is not among the arguments (each costs host time at
-    every launch, 2-3 us for the ten of them): constants here, unused without a map."""
-    _layer_norm_fwd_row(X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1,
-                        X_FROM_MAP=False, HAS_RESIDUAL=HAS_RESIDUAL, STORE_S=STORE_S, HAS_PLUS=HAS_PLUS,
-                        Y_TO_MAP=False, PATCH=1, BLOCK_N=BLOCK_N)
+    """Tokens in, tokens out: the map kernel below, inlined with no map. The geometry is not among
+    the arguments (each costs host time at every launch, 2-3 us for the ten of them): constants
+    here, and unused."""
+    _layer_norm_map_fwd_kernel(X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1,
+                               X_FROM_MAP=False, HAS_RESIDUAL=HAS_RESIDUAL, STORE_S=STORE_S, HAS_PLUS=HAS_PLUS,
+                               Y_TO_MAP=False, PATCH=1, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -55,21 +56,8 @@ def _layer_norm_map_fwd_kernel(
     X_FROM_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr, HAS_PLUS: tl.constexpr,
     Y_TO_MAP: tl.constexpr, PATCH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The cross encoder's ends: tokens read from a map (``X_FROM_MAP``) or written into one (``Y_TO_MAP``)."""
-    _layer_norm_fwd_row(X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps, map_sb, map_sc, map_sh, map_sw,
-                        map_height, map_width, window_height, window_width, windows_per_row, windows_per_image,
-                        X_FROM_MAP=X_FROM_MAP, HAS_RESIDUAL=HAS_RESIDUAL, STORE_S=STORE_S, HAS_PLUS=HAS_PLUS,
-                        Y_TO_MAP=Y_TO_MAP, PATCH=PATCH, BLOCK_N=BLOCK_N)
-
-
-@triton.jit
-def _layer_norm_fwd_row(
-    X, RES, PLUS, W, B, Y, S, MEAN, RSTD, cols, eps,
-    map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
-    windows_per_image,
-    X_FROM_MAP: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr, HAS_PLUS: tl.constexpr,
-    Y_TO_MAP: tl.constexpr, PATCH: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    """One row; the cross encoder's ends read it from a map (``X_FROM_MAP``) or write it into one
+    (``Y_TO_MAP``)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < cols
@@ -106,11 +94,11 @@ def _layer_norm_bwd_kernel(
     DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DW_PARTIAL, DB_PARTIAL, rows, cols,
     HAS_DS_EXTRA: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Tokens in, tokens out; as in the forward, the unused map geometry is constants here."""
-    _layer_norm_bwd_rows(DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DS, DW_PARTIAL, DB_PARTIAL, rows, cols,
-                         0, 0, 0, 0, 1, 1, 1, 1, 1, 1, DY_FROM_MAP=False, STORE_DY_TOKENS=False,
-                         HAS_DS_EXTRA=HAS_DS_EXTRA, DS_TO_MAP=False, PATCH=1, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
-                         BLOCK_N=BLOCK_N)
+    """Tokens in, tokens out: the map kernel below with no map, as in the forward."""
+    _layer_norm_map_bwd_kernel(DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DS, DW_PARTIAL, DB_PARTIAL, rows, cols,
+                               0, 0, 0, 0, 1, 1, 1, 1, 1, 1, DY_FROM_MAP=False, STORE_DY_TOKENS=False,
+                               HAS_DS_EXTRA=HAS_DS_EXTRA, DS_TO_MAP=False, PATCH=1,
+                               ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -121,22 +109,8 @@ def _layer_norm_map_bwd_kernel(
     DY_FROM_MAP: tl.constexpr, STORE_DY_TOKENS: tl.constexpr, HAS_DS_EXTRA: tl.constexpr,
     DS_TO_MAP: tl.constexpr, PATCH: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The ends' backwards: the output map's gradient read by address, or the input map's written."""
-    _layer_norm_bwd_rows(DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DY_TOKENS, DW_PARTIAL, DB_PARTIAL, rows, cols,
-                         map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width,
-                         windows_per_row, windows_per_image, DY_FROM_MAP=DY_FROM_MAP,
-                         STORE_DY_TOKENS=STORE_DY_TOKENS, HAS_DS_EXTRA=HAS_DS_EXTRA, DS_TO_MAP=DS_TO_MAP,
-                         PATCH=PATCH, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_N=BLOCK_N)
-
-
-@triton.jit
-def _layer_norm_bwd_rows(
-    DY, DS_EXTRA, S, W, MEAN, RSTD, DS, DY_TOKENS, DW_PARTIAL, DB_PARTIAL, rows, cols,
-    map_sb, map_sc, map_sh, map_sw, map_height, map_width, window_height, window_width, windows_per_row,
-    windows_per_image,
-    DY_FROM_MAP: tl.constexpr, STORE_DY_TOKENS: tl.constexpr, HAS_DS_EXTRA: tl.constexpr,
-    DS_TO_MAP: tl.constexpr, PATCH: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    """A run of rows; the ends' backwards read the output map's gradient by address, or write the
+    input map's."""
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < cols
@@ -332,7 +306,7 @@ _layer_norm_op = torch.library.custom_op("crossfuse::layer_norm", _layer_norm_im
 
 @_layer_norm_op.register_fake
 def _(x, weight, bias, eps):
-    rows = x.numel() // x.shape[-1]
+    rows, _ = _rows_and_features(x)
     return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
@@ -347,7 +321,7 @@ _add_layer_norm_op = torch.library.custom_op("crossfuse::add_layer_norm", _add_l
 
 @_add_layer_norm_op.register_fake
 def _(x, residual, weight, bias, eps):
-    rows = x.numel() // x.shape[-1]
+    rows, _ = _rows_and_features(x)
     return (torch.empty_like(x), torch.empty_like(x), x.new_empty(rows, dtype=torch.float32),
             x.new_empty(rows, dtype=torch.float32))
 
@@ -458,7 +432,7 @@ _add_layer_norm_to_map_op = torch.library.custom_op("crossfuse::add_layer_norm_t
 @_add_layer_norm_to_map_op.register_fake
 def _(x, residual, plus, weight, bias, eps, height, width, window_height, window_width):
     grid = WindowGrid.of_tokens(x, height, width, (window_height, window_width))
-    rows = x.numel() // x.shape[-1]
+    rows, _ = _rows_and_features(x)
     return (x.new_empty(grid.batch, grid.channels, height, width), torch.empty_like(x),
             x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .compiler_options import COMPILER_OPTIONS
 from .dispatch import direct_call
-from .gelu import bias_gelu, bias_gelu_torch
+from .gelu import bias_gelu, bias_gelu_torch, gelu
 
 
 @triton.jit
@@ -62,8 +62,7 @@ def _linear_gelu_kernel(
     if STORE_PRE:
         tl.store(PRE + offs_m[:, None] * stride_prem + offs_n[None, :], acc.to(PRE.dtype.element_ty), mask=mask)
     z = acc + tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], gelu(z).to(Y.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)

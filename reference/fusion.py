@@ -65,12 +65,18 @@ class FusionDecoder(nn.Module):
     def forward(self, fused: torch.Tensor, ir_deep: torch.Tensor, ir_shallow: torch.Tensor,
                 vis_deep: torch.Tensor, vis_shallow: torch.Tensor) -> torch.Tensor:
         w_ir, w_vis = self.weight.deep(ir_deep, vis_deep)
-        y = fused + w_ir * ir_deep + w_vis * vis_deep
-        y = self.conv_block(self.up(self.conv1(y)))
-        y = match_size(y, ir_shallow.shape[-2], ir_shallow.shape[-1])
+        y = self.upsample(fused + w_ir * ir_deep + w_vis * vis_deep, ir_shallow.shape[-2], ir_shallow.shape[-1])
         w_ir, w_vis = self.weight.shallow(ir_shallow, vis_shallow)
         # The 0.5 on the infrared term alone is as released (SPEC 2.4 step 3).
-        y = y + 0.5 * w_ir * ir_shallow + w_vis * vis_shallow
+        return self.output(y + 0.5 * w_ir * ir_shallow + w_vis * vis_shallow)
+
+    def upsample(self, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """SPEC 2.4 step 2: ``conv1``, then ``conv_block`` with its upsamplings, then the size
+        adjust to ``height x width``."""
+        return match_size(self.conv_block(self.up(self.conv1(y))), height, width)
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """SPEC 2.4 step 4: ``conv_last``, then the per-image min-max stretch to 0..255."""
         return minmax_to_255(self.conv_last(y))
 
 

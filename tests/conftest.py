@@ -43,3 +43,14 @@ def poisoned_allocations(monkeypatch):
 def pytest_configure(config):
     # Torch uses both cores of the CI machine; more threads only contend.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def fast_fusion_calls(monkeypatch) -> list:
+    """One entry per ``FastFusionNet`` forward: parity alone would also pass if a ``backend="fast"``
+    path ran the reference, so tests check the fast network really ran."""
+    from crossfuse_fast.fast import FastFusionNet
+    calls = []
+    forward = FastFusionNet.forward
+    monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    return calls

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossfuse_fast import fast as fast_module
 from crossfuse_fast import fuse
-from crossfuse_fast.fast import FastFusionNet
+from crossfuse_fast.fast import FastCrossFuse, FastFusionNet, fusion_decoder, uniform_box_values
 from crossfuse_fast.synthetic import synthetic_batch, synthetic_pair
 
 
@@ -73,11 +74,9 @@ def test_fast_backend_is_the_reference_up_to_rounding(model, shape):
     assert (fast - exact).abs().max().item() <= 2 * reference_error + 1e-3
 
 
-def test_fast_backend_runs_the_fast_fusion_network(model, monkeypatch):
+def test_fast_backend_runs_the_fast_fusion_network(model, fast_fusion_calls):
     """The parity tests above would also pass if ``backend="fast"`` ran the reference: check it does not."""
-    calls = []
-    forward = FastFusionNet.forward
-    monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    calls = fast_fusion_calls
     ir, vis = torch.rand(2, 1, 16, 16) * 255, torch.rand(2, 1, 16, 16) * 255
     fuse(ir, vis, model=model)
     assert not calls
@@ -111,7 +110,6 @@ def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model):
 def test_fast_crossfuse_gradients_are_the_reference_ones(model):
     """Training through the fast model (channels_last, box filter algebra, fused cross encoder)
     reaches the model's own parameters with the reference's gradients (fp64: only the method differs)."""
-    from crossfuse_fast.fast import FastCrossFuse
     exact = copy.deepcopy(model).double().train()
     ir, vis = (x.double() for x in synthetic_batch(2, 32, 40, seed=6))
     names, parameters = zip(*[(name, p) for name, p in exact.named_parameters() if p.requires_grad])
@@ -133,7 +131,6 @@ def test_fast_crossfuse_gradients_are_the_reference_ones(model):
 def test_fast_decoder_box_filters_as_their_algebra(model):
     """The fusion decoder with its fixed box filters as channel sum + box sum equals the reference
     decoder (fp64: only the order of the sums differs), and runs neither box convolution."""
-    from crossfuse_fast.fast import fusion_decoder, uniform_box_values
     decoder = copy.deepcopy(model.fusion.decoder_fusion).double()
     torch.manual_seed(8)
     fused, ir_deep, vis_deep = (torch.randn(2, 128, 5, 7, dtype=torch.float64) for _ in range(3))
@@ -152,7 +149,6 @@ def test_fast_decoder_box_filters_as_their_algebra(model):
 def test_fast_decoder_with_other_box_weights_is_the_reference(model, change):
     """The algebra holds for uniform weights only: anything else runs the reference decoder, also
     when the weights change after the fast network was made (it checks them once, then on change)."""
-    from crossfuse_fast.fast import FastFusionNet
     fusion = copy.deepcopy(model.fusion)
     fast = FastFusionNet(fusion, "torch")
     torch.manual_seed(9)
@@ -174,7 +170,6 @@ def test_fast_decoder_with_other_box_weights_is_the_reference(model, change):
 
 def test_fast_decoder_reads_the_box_weights_once(model, monkeypatch):
     """Reading the weights' values waits for a GPU: done when the fast network is made, not per call."""
-    from crossfuse_fast import fast as fast_module
     reads = []
     uniform_value = fast_module._uniform_value
     monkeypatch.setattr(fast_module, "_uniform_value", lambda conv: reads.append(conv) or uniform_value(conv))
