@@ -38,7 +38,8 @@ from .reference.functional import PATCH, WINDOW
 from .reference.fusion import FusionDecoder, FusionNet
 from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
 
-BACKENDS = ("torch", "triton", "auto")
+KERNEL_BACKENDS = ("torch", "triton", "auto")
+"""What runs the fused ops: their PyTorch twins, the Triton kernels, or by the inputs' device."""
 DEEP_CHANNELS = EMBED_DIM // (PATCH * PATCH)
 """Channels of the deep maps whose 2 x 2 patches are the encoder's tokens."""
 
@@ -159,8 +160,8 @@ class FastCrossEncoder(nn.Module):
 
     def __init__(self, reference: CrossEncoder, backend: str = "torch"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(KERNEL_BACKENDS)}")
         self.reference = reference
         self.backend = backend
 
