@@ -14,13 +14,13 @@ Providers (each added as it exists):
 - ``compile-graphs`` / ``fast-triton-graphs``: ``torch.compile(mode="reduce-overhead")`` of the
   reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
   and launch overhead are gone (the cross encoder, on a GPU only).
-- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
-  twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the convolutions in
-  channels_last on a CPU; the cross encoder on windows, on whole deep maps and in training;
-  attention alone for ``triton``). Triton providers exist on a GPU only; end to end and in
-  the training steps (stage 1: the layout alone), a CPU runs ``fast-torch`` (a GPU
-  ``fast-triton``) and the same with the other convolution layout: ``fast-torch-nchw`` (a GPU:
-  ``fast-triton-nhwc``).
+- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast`` and ``.fast_convs``)
+  with the PyTorch twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the
+  convolutions in channels_last on a CPU; the cross encoder on windows, on whole deep maps and
+  in training; attention alone for ``triton``). Triton providers exist on a GPU only; end to
+  end and in the training steps (stage 1: the fast autoencoder, no cross encoder), a CPU runs
+  ``fast-torch`` (a GPU ``fast-triton``) and the same with the other convolution layout:
+  ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from crossfuse_fast import CrossFuse, fuse, kernels
 from crossfuse_fast.backends import image_layout
 from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse, FastFusionNet
+from crossfuse_fast.fast_convs import FastAutoEncoder
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -316,11 +317,12 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
     step_bytes = 2 * tensor_bytes(images) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(autoencoder)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-4, weight_decay=0.9)
 
-    def stage1_step(loss_fn: Callable, channels_last: bool | None = False) -> Callable:
+    def stage1_step(loss_fn: Callable, network: torch.nn.Module = autoencoder,
+                    channels_last: bool | None = False) -> Callable:
         """``channels_last`` as in ``stage2_step``."""
         def step(batch):
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(autoencoder, image_layout(batch, channels_last)).backward()
+            loss_fn(network, image_layout(batch, channels_last)).backward()
             optimizer.step()
         return step
 
@@ -328,7 +330,8 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
         name="train stage 1 256x256 b2", group="training", flops=3 * forward, min_bytes=step_bytes,
         make_inputs=lambda seed: _images(2, 256, 256, device, dtype)(seed)[:1],
         providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss)),
-                        **_fast_in_both_layouts(lambda _, layout: stage1_step(autoencoder_loss, layout), on_gpu)}),
+                        **_fast_in_both_layouts(lambda _, layout: stage1_step(
+                            autoencoder_loss, FastAutoEncoder(autoencoder), layout), on_gpu)}),
         quick=True, notes="forward + backward + Adam; MS-SSIM not counted"))
 
     encoders = [AutoEncoder().to(device, dtype).eval().requires_grad_(False) for _ in range(2)]
@@ -342,7 +345,7 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
     trainable = [p for p in fusion.parameters() if p.requires_grad]
     fusion_optimizer = torch.optim.Adam(trainable, lr=1e-3, weight_decay=0.9)
 
-    def stage2_step(loss_fn: Callable, network: torch.nn.Module = fusion,
+    def stage2_step(loss_fn: Callable, network: torch.nn.Module = fusion, encoders: list = encoders,
                     channels_last: bool | None = False) -> Callable:
         """``channels_last``: the images' layout, as :func:`image_layout` takes it (None: as
         ``train_fusion(backend="fast")`` lays them out)."""
@@ -360,6 +363,7 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
         make_inputs=_images(8, 256, 256, device, dtype),
         providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss)),
                         **_fast_in_both_layouts(lambda backend, layout: stage2_step(
-                            fusion_loss, FastFusionNet(fusion, backend), layout), on_gpu)}),
+                            fusion_loss, FastFusionNet(fusion, backend), [FastAutoEncoder(e) for e in encoders],
+                            layout), on_gpu)}),
         quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
     return cases

@@ -18,9 +18,10 @@ run, and train, the very same parameters) and computes the same function with:
 ``backend="triton"`` uses the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU);
 ``backend="torch"`` their PyTorch twins, which is the CPU path; ``backend="auto"`` picks by the
 inputs' device. :class:`FastFusionNet` puts the fast encoder inside a reference fusion network
-and computes the decoder's fixed box filters as their algebra (``train_fusion(backend="fast")``);
-:class:`FastCrossFuse` is the whole model with it, and on a CPU runs every convolution in
-channels_last (``fuse(backend="fast")``). The convolutions themselves are still PyTorch's.
+with the fast decoder of :mod:`crossfuse_fast.fast_convs` (``train_fusion(backend="fast")``);
+:class:`FastCrossFuse` is the whole model with it and the fast autoencoders, and on a CPU runs
+every convolution in channels_last (``fuse(backend="fast")``). The convolutions themselves are
+still PyTorch's.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from torch import Tensor, nn
 
 from . import kernels
 from .backends import image_layout
+from .fast_convs import FastAutoEncoder, FastFusionDecoder
 from .model import CrossFuse
 from .reference.functional import PATCH, WINDOW
-from .reference.fusion import FusionDecoder, FusionNet
+from .reference.fusion import FusionNet
 from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
 
 KERNEL_BACKENDS = ("torch", "triton", "auto")
@@ -222,119 +224,47 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 class FastFusionNet(nn.Module):
     """A reference :class:`FusionNet` (its own parameters) with its cross encoder on the fast path
-    and its decoder's fixed box filters as their algebra (:func:`fusion_decoder`). Same call and
-    result as the reference, up to rounding."""
+    and its decoder as :class:`~crossfuse_fast.fast_convs.FastFusionDecoder` (box filters as their
+    algebra, BatchNorms folded in inference). Same call and result as the reference, up to rounding."""
 
     def __init__(self, reference: FusionNet, backend: str = "auto"):
         super().__init__()
         self.reference = reference
         self.encoder = FastCrossEncoder(reference.cross_atten_block, backend)
-        # Checked here, before any work is queued: reading the weights' values waits for a GPU.
-        self._box_values = _CheckedBoxValues(reference.decoder_fusion)
+        self.decoder = FastFusionDecoder(reference.decoder_fusion)
 
     def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
                 shift: bool = True) -> Tensor:
         """``shift`` is accepted for the reference's signature (the fast encoder needs no roll)."""
         fused = self.encoder.fuse_deep(ir_deep, vis_deep)
-        return fusion_decoder(self.reference.decoder_fusion, self._box_values.get(), fused, ir_deep, ir_shallow,
-                              vis_deep, vis_shallow)
-
-
-def fusion_decoder(decoder: FusionDecoder, box_values: tuple[float, float] | None, fused: Tensor, ir_deep: Tensor,
-                   ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor) -> Tensor:
-    """``decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)`` with ``conv_de`` and ``conv_sh``
-    computed as what they are (SPEC 2.4): a 3 x 3 conv whose weights are all one value ``w`` gives
-    every output channel ``w`` times the 3 x 3 box sum of the channel sum, one channel broadcast.
-
-    That replaces 128 x 128 and 32 x 32 channel convolutions (12 GFLOP at 480 x 640) with a channel
-    sum and a one-channel box sum. ``box_values`` are the two filters' values as
-    :func:`uniform_box_values` finds them; None (weights that are not uniform) runs the reference
-    decoder as it is.
-    """
-    if box_values is None:
-        return decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-    # w times a 3 x 3 box sum is 9 w times the box mean, which needs no kernel tensor per call.
-    deep_scale, shallow_scale = (9.0 * value for value in box_values)
-    with torch.no_grad():  # as the reference's weights: no gradient through them
-        g_ir = deep_scale * _box_mean_of_channel_sum(ir_deep)
-        g_vis = deep_scale * _box_mean_of_channel_sum(vis_deep)
-        total = g_ir + g_vis + 1e-6
-        w_ir, w_vis = g_ir / total, g_vis / total
-    y = decoder.upsample(fused + w_ir * ir_deep + w_vis * vis_deep, ir_shallow.shape[-2], ir_shallow.shape[-1])
-    sources_need_grad = torch.is_grad_enabled() and (ir_shallow.requires_grad or vis_shallow.requires_grad)
-    with torch.no_grad():
-        s_ir = torch.sub(ir_shallow, _box_mean_of_channel_sum(ir_shallow), alpha=shallow_scale).abs_()
-        s_vis = torch.sub(vis_shallow, _box_mean_of_channel_sum(vis_shallow), alpha=shallow_scale).abs_()
-        total = torch.add(s_ir, s_vis).add_(1e-6)
-        if not sources_need_grad:
-            # The same sum as below, (0.5 s_ir ir + s_vis vis) / total, in place: 8 full-resolution
-            # passes instead of 13 (480 x 640 on 2 CPU cores: 143 -> 61 ms).
-            skip = s_ir.mul_(ir_shallow).mul_(0.5).addcmul_(s_vis, vis_shallow).div_(total)
-    if sources_need_grad:
-        skip = 0.5 * (s_ir / total) * ir_shallow + (s_vis / total) * vis_shallow
-    return decoder.output(y + skip)  # the 0.5 on infrared alone, as released
-
-
-def uniform_box_values(decoder: FusionDecoder) -> tuple[float, float] | None:
-    """``(w_deep, w_shallow)``: the one value of all weights of ``conv_de`` and of ``conv_sh``, if both
-    are bias-free 3 x 3, zero padding 1 convs whose weights are all equal; else None."""
-    values = (_uniform_value(decoder.weight.conv_de), _uniform_value(decoder.weight.conv_sh))
-    return None if None in values else values
-
-
-class _CheckedBoxValues:
-    """:func:`uniform_box_values` of a decoder, read again only when a box filter's weight changes
-    (another tensor, or a write into it), so that calls do not wait for a GPU to read them."""
-
-    def __init__(self, decoder: FusionDecoder):
-        self.decoder = decoder
-        self._checked_for: tuple | None = None
-        self._values: tuple[float, float] | None = None
-        self.get()
-
-    def get(self) -> tuple[float, float] | None:
-        convs = (self.decoder.weight.conv_de, self.decoder.weight.conv_sh)
-        state = tuple((id(conv.weight), conv.weight.data_ptr(), conv.weight._version, conv.bias is None)
-                      for conv in convs)
-        if state != self._checked_for:
-            self._values, self._checked_for = uniform_box_values(self.decoder), state
-        return self._values
-
-
-def _uniform_value(conv: nn.Conv2d) -> float | None:
-    shape_ok = (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-                and conv.bias is None)
-    weight = conv.weight
-    if not shape_ok or not bool((weight == weight.flatten()[0]).all()):
-        return None
-    return weight.flatten()[0].item()
-
-
-def _box_mean_of_channel_sum(x: Tensor) -> Tensor:
-    """``[B, 1, H, W]``: the 3 x 3 mean (zero padding, always over 9) of ``x`` summed over its channels."""
-    return F.avg_pool2d(x.sum(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=True)
+        return self.decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
 
 
 class FastCrossFuse(nn.Module):
     """A :class:`~crossfuse_fast.CrossFuse` (its own parameters) on the fast path: ``fuse(backend="fast")``.
 
-    The cross encoder runs fused and the decoder's box filters as their algebra
-    (:class:`FastFusionNet`). On a CPU the convolutions also run in channels_last: the images go
-    in with NHWC strides, and from the first convolution on PyTorch keeps every map, pad, pool and
-    concat in that layout (2 cores, one image: 1.34x, 1.17x and 1.21x over NCHW at 256 x 256,
-    480 x 640 and 1024 x 1280; bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``,
-    run at 6dd2ae6). The model itself is not touched, so threads may share it.
-    ``channels_last=None`` does that on a CPU only, the one place it is measured; ``True`` or
-    ``False`` forces it either way (``fast-triton-nhwc`` measures it on a GPU).
+    The encoders pad their dense blocks' pieces once
+    (:class:`~crossfuse_fast.fast_convs.FastAutoEncoder`), the cross encoder runs fused and the
+    decoder's box filters as their algebra with its BatchNorms folded (:class:`FastFusionNet`).
+    On a CPU the convolutions also run in channels_last: the images go in with NHWC strides, and
+    from the first convolution on PyTorch keeps every map, pad, pool and concat in that layout
+    (2 cores, one image: 1.34x, 1.17x and 1.21x over NCHW at 256 x 256, 480 x 640 and 1024 x 1280;
+    bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``, run at 6dd2ae6). The model
+    itself is not touched, so threads may share it. ``channels_last=None`` does that on a CPU only,
+    the one place it is measured; ``True`` or ``False`` forces it either way (``fast-triton-nhwc``
+    measures it on a GPU).
     """
 
     def __init__(self, model: CrossFuse, backend: str = "auto", channels_last: bool | None = None):
         super().__init__()
         self.reference = model
+        self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder)
+        self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder)
         self.fusion = FastFusionNet(model.fusion, backend)
         self.channels_last = channels_last
 
     def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
-        ir, vis = image_layout(ir, self.channels_last), image_layout(vis, self.channels_last)
-        return self.reference(ir, vis, fusion=self.fusion)
+        """``CrossFuse.forward``: fused images ``[B, 1, H, W]`` on 0..255."""
+        ir_shallow, ir_deep = self.ir_autoencoder.encode(image_layout(ir, self.channels_last))
+        vis_shallow, vis_deep = self.vis_autoencoder.encode(image_layout(vis, self.channels_last))
+        return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow)

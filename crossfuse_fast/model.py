@@ -28,13 +28,10 @@ class CrossFuse(nn.Module):
         self.vis_autoencoder = vis_autoencoder if vis_autoencoder is not None else AutoEncoder()
         self.fusion = fusion if fusion is not None else FusionNet()
 
-    def forward(self, ir: torch.Tensor, vis: torch.Tensor, shift: bool = True,
-                fusion: nn.Module | None = None) -> torch.Tensor:
-        """``fusion`` replaces ``self.fusion`` for this call (``crossfuse_fast.fast.FastFusionNet``)."""
+    def forward(self, ir: torch.Tensor, vis: torch.Tensor, shift: bool = True) -> torch.Tensor:
         ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
-        fusion = fusion if fusion is not None else self.fusion
-        return fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
+        return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
 
     @classmethod
     def from_original(cls, *, ir_autoencoder: str | os.PathLike, vis_autoencoder: str | os.PathLike,

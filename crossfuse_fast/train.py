@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backends import check_backend, fast_fusion_net, image_layout
 from .checkpoints import save_tensors
+from .fast_convs import FastAutoEncoder
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
 
@@ -65,9 +66,11 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
 
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
     learning rate x 0.1 from the third epoch on. ``max_steps`` caps the batches per epoch.
-    ``backend="fast"`` runs the convolutions in channels_last on a CPU (a step on a 256 x 256
-    batch of 2, 2 cores: 1.18x the reference's; bench/RESULTS.md, ``train stage 1``, run at
-    99a63e3); elsewhere it is the reference.
+    ``backend="fast"`` trains the same parameters through
+    :class:`~crossfuse_fast.fast_convs.FastAutoEncoder` (the encoder's dense blocks pad each piece
+    once) and, on a CPU, with the convolutions in channels_last (a step on a 256 x 256 batch of 2,
+    2 cores: 1.18x the reference's with channels_last alone; bench/RESULTS.md, ``train stage 1``,
+    run at 99a63e3).
     """
     check_backend(backend)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
@@ -75,8 +78,9 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
+    network = FastAutoEncoder(model) if backend == "fast" else model
     layout = image_layout if backend == "fast" else (lambda images: images)
-    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(model, layout(images.to(device))),
+    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(network, layout(images.to(device))),
                 optimizer, scheduler, paths, max_steps, overwrite, log)
     return model
 
@@ -94,7 +98,8 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
     ``backend="fast"`` trains the same parameters with the cross encoder on the fast path (the
     Triton kernels on a GPU, their PyTorch twins on a CPU), the decoder's box filters as their
-    algebra, and on a CPU the convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
+    algebra, the frozen encoders' dense blocks padding each piece once, and on a CPU the
+    convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
     cores: 1.36x the reference's; bench/RESULTS.md, ``train stage 2``, run at 91301c9).
     """
     check_backend(backend)
@@ -108,11 +113,13 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
     network = fast_fusion_net(model) if backend == "fast" else model
+    encoders = ((FastAutoEncoder(ir_autoencoder), FastAutoEncoder(vis_autoencoder)) if backend == "fast"
+                else (ir_autoencoder, vis_autoencoder))
     layout = image_layout if backend == "fast" else (lambda images: images)
 
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ir, vis = layout(pair[0].to(device)), layout(pair[1].to(device))
-        return fusion_loss(network, ir_autoencoder, vis_autoencoder, ir, vis)
+        return fusion_loss(network, *encoders, ir, vis)
 
     _run_epochs("fusion", model, loader, loss_of_batch, optimizer, scheduler, paths, max_steps, overwrite, log)
     return model

@@ -54,3 +54,13 @@ def fast_fusion_calls(monkeypatch) -> list:
     forward = FastFusionNet.forward
     monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     return calls
+
+
+@pytest.fixture
+def fast_dense_block_calls(monkeypatch) -> list:
+    """One entry per dense block run by ``FastAutoEncoder`` (the encoders of ``backend="fast"``)."""
+    from crossfuse_fast import fast_convs
+    calls = []
+    dense_block = fast_convs.dense_block
+    monkeypatch.setattr(fast_convs, "dense_block", lambda *a: calls.append(1) or dense_block(*a))
+    return calls

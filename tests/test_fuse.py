@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossfuse_fast import fast as fast_module
 from crossfuse_fast import fuse
-from crossfuse_fast.fast import FastCrossFuse, FastFusionNet, fusion_decoder, uniform_box_values
+from crossfuse_fast.fast import FastCrossFuse
 from crossfuse_fast.synthetic import synthetic_batch, synthetic_pair
 
 
@@ -74,36 +73,37 @@ def test_fast_backend_is_the_reference_up_to_rounding(model, shape):
     assert (fast - exact).abs().max().item() <= 2 * reference_error + 1e-3
 
 
-def test_fast_backend_runs_the_fast_fusion_network(model, fast_fusion_calls):
+def test_fast_backend_runs_the_fast_fusion_network(model, fast_fusion_calls, fast_dense_block_calls):
     """The parity tests above would also pass if ``backend="fast"`` ran the reference: check it does not."""
     calls = fast_fusion_calls
     ir, vis = torch.rand(2, 1, 16, 16) * 255, torch.rand(2, 1, 16, 16) * 255
     fuse(ir, vis, model=model)
-    assert not calls
+    assert not calls and not fast_dense_block_calls
     fuse(ir, vis, model=model, backend="fast")
     assert len(calls) == 2  # a CPU runs the batch's images one at a time
+    assert len(fast_dense_block_calls) == 2 * 2 * 2  # images x encoders x dense blocks
 
 
-def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model):
-    """Where the fast path's CPU speed-up comes from: every convolution that runs sees its map in
-    NHWC (channels innermost), and the model's own parameters stay as they were."""
-    running = [model.ir_autoencoder.fea_encoder1, model.vis_autoencoder.fea_encoder1, model.fusion.decoder_fusion]
-    box_filters = set(model.fusion.decoder_fusion.weight.modules())  # computed as their algebra instead
-    expected = {conv for part in running for conv in part.modules()
-                if isinstance(conv, torch.nn.Conv2d) and conv not in box_filters}
+def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model, monkeypatch):
+    """Where the fast path's CPU speed-up comes from: every convolution that runs (the decoder's folded
+    ones call ``F.conv2d`` themselves) sees its map in NHWC (channels innermost), and the model's own
+    parameters stay as they were."""
+    encoders = [model.ir_autoencoder.fea_encoder1, model.vis_autoencoder.fea_encoder1]
+    decoder = model.fusion.decoder_fusion
+    box_filters = set(decoder.weight.modules())  # computed as their algebra instead
+    expected = sum(1 for part in [*encoders, decoder] for conv in part.modules()
+                   if isinstance(conv, torch.nn.Conv2d) and conv not in box_filters)
     before = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
-    channels_innermost = {}
+    channels_innermost = []
+    conv2d = F.conv2d
 
-    def record(module, inputs):
-        channels_innermost[module] = inputs[0].stride()[1] == 1 and inputs[0].shape[-1] > 1
-    hooks = [conv.register_forward_pre_hook(record) for conv in model.modules() if isinstance(conv, torch.nn.Conv2d)]
-    try:
-        ir, vis = synthetic_batch(1, 40, 48, seed=5)
-        fuse(ir, vis, model=model, backend="fast")
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert set(channels_innermost) == expected and all(channels_innermost.values())
+    def record(x, *args, **kwargs):
+        channels_innermost.append(x.stride()[1] == 1 and x.shape[-1] > 1)
+        return conv2d(x, *args, **kwargs)
+    monkeypatch.setattr(F, "conv2d", record)
+    ir, vis = synthetic_batch(1, 40, 48, seed=5)
+    fuse(ir, vis, model=model, backend="fast")
+    assert len(channels_innermost) == expected == 23 and all(channels_innermost)
     assert {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()} == before
 
 
@@ -126,61 +126,6 @@ def test_fast_crossfuse_gradients_are_the_reference_ones(model):
             assert (got - want).abs().max().item() <= 1e-9 * scale, name
             checked += 1
     assert checked > 100
-
-
-def test_fast_decoder_box_filters_as_their_algebra(model):
-    """The fusion decoder with its fixed box filters as channel sum + box sum equals the reference
-    decoder (fp64: only the order of the sums differs), and runs neither box convolution."""
-    decoder = copy.deepcopy(model.fusion.decoder_fusion).double()
-    torch.manual_seed(8)
-    fused, ir_deep, vis_deep = (torch.randn(2, 128, 5, 7, dtype=torch.float64) for _ in range(3))
-    ir_shallow, vis_shallow = (torch.rand(2, 32, 43, 61, dtype=torch.float64) for _ in range(2))
-    box_calls = []
-    for conv in (decoder.weight.conv_de, decoder.weight.conv_sh):
-        conv.register_forward_pre_hook(lambda module, inputs: box_calls.append(module))
-    fast = fusion_decoder(decoder, uniform_box_values(decoder), fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-    assert box_calls == []
-    reference = decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-    assert (fast - reference).abs().max().item() < 1e-9 * 255
-    assert len(box_calls) == 4
-
-
-@pytest.mark.parametrize("change", ["one weight", "bias"])
-def test_fast_decoder_with_other_box_weights_is_the_reference(model, change):
-    """The algebra holds for uniform weights only: anything else runs the reference decoder, also
-    when the weights change after the fast network was made (it checks them once, then on change)."""
-    fusion = copy.deepcopy(model.fusion)
-    fast = FastFusionNet(fusion, "torch")
-    torch.manual_seed(9)
-    ir_deep, vis_deep = (torch.randn(1, 128, 4, 6) for _ in range(2))
-    ir_shallow, vis_shallow = (torch.rand(1, 32, 32, 48) for _ in range(2))
-    with torch.no_grad():
-        uniform = fast(ir_deep, ir_shallow, vis_deep, vis_shallow)
-        if change == "one weight":
-            fusion.decoder_fusion.weight.conv_sh.weight[3, 5, 1, 2] += 0.25
-        else:
-            fusion.decoder_fusion.weight.conv_de.bias = torch.nn.Parameter(torch.full((128,), 0.5),
-                                                                           requires_grad=False)
-        changed = fast(ir_deep, ir_shallow, vis_deep, vis_shallow)
-        fused = fast.encoder.fuse_deep(ir_deep, vis_deep)
-        reference = fusion.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-    assert torch.equal(changed, reference)
-    assert not torch.equal(changed, uniform)
-
-
-def test_fast_decoder_reads_the_box_weights_once(model, monkeypatch):
-    """Reading the weights' values waits for a GPU: done when the fast network is made, not per call."""
-    reads = []
-    uniform_value = fast_module._uniform_value
-    monkeypatch.setattr(fast_module, "_uniform_value", lambda conv: reads.append(conv) or uniform_value(conv))
-    network = fast_module.FastFusionNet(model.fusion, "torch")
-    assert len(reads) == 2
-    ir_deep, vis_deep = (torch.rand(1, 128, 4, 4) for _ in range(2))
-    ir_shallow, vis_shallow = (torch.rand(1, 32, 32, 32) for _ in range(2))
-    with torch.no_grad():
-        for _ in range(3):
-            network(ir_deep, ir_shallow, vis_deep, vis_shallow)
-    assert len(reads) == 2
 
 
 def test_fast_backend_on_images(model):

@@ -173,8 +173,8 @@ def test_fast_backend_gives_the_reference_loss_and_gradients():
     assert worst(fast) <= 2 * worst(reference) + 1e-6
 
 
-def test_train_autoencoder_fast_backend(tmp_path):
-    """Stage 1's fast backend is the layout alone: on a CPU the convolutions see NHWC maps."""
+def test_train_autoencoder_fast_backend(tmp_path, fast_dense_block_calls):
+    """Stage 1's fast backend: the fast autoencoder, and on a CPU the convolutions see NHWC maps."""
     autoencoder = AutoEncoder()
     channels_innermost = []
     autoencoder.fea_encoder1.conv1.conv2d[0].register_forward_pre_hook(
@@ -182,11 +182,12 @@ def test_train_autoencoder_fast_backend(tmp_path):
     train_autoencoder(SyntheticPairs(2, 32, modality="vis"), tmp_path, epochs=1, max_steps=1, autoencoder=autoencoder,
                       backend="fast", log=lambda line: None)
     assert (tmp_path / "autoencoder_epoch1.model").exists() and channels_innermost == [True]
+    assert len(fast_dense_block_calls) == 2, "backend='fast' trained without the fast autoencoder"
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         train_autoencoder(SyntheticPairs(2, 32), tmp_path / "other", epochs=1, backend="triton")
 
 
-def test_train_fusion_fast_backend(tmp_path, fast_fusion_calls):
+def test_train_fusion_fast_backend(tmp_path, fast_fusion_calls, fast_dense_block_calls):
     calls = fast_fusion_calls
     logs = []
     ir_encoder = AutoEncoder()
@@ -198,6 +199,7 @@ def test_train_fusion_fast_backend(tmp_path, fast_fusion_calls):
     assert isinstance(fusion, FusionNet) and (tmp_path / "fusion_epoch1.model").exists()
     assert any(line.startswith("fusion epoch 1 step 1 loss") for line in logs)
     assert calls, "backend='fast' trained without the fast fusion network"
+    assert len(fast_dense_block_calls) == 4, "backend='fast' encoded without the fast autoencoders"
     assert channels_innermost == [True], "the fast backend's CPU convolutions run in channels_last"
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path / "other", epochs=1,
