@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how 16-bit images map to 0..255 (default: each image's own range)")
     fuse.add_argument("--device", default="cpu")
     fuse.add_argument("--backend", choices=BACKENDS, default="reference",
-                      help="fast: the fast path (the Triton cross encoder on a GPU; on a CPU its twins and "
-                      "channels_last convolutions), same result up to rounding")
+                      help="fast: the fast path (the Triton cross encoder on a GPU, its twins on a CPU; "
+                      "fewer passes around the convolutions; channels_last on a CPU), same result up to rounding")
     fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     fuse.set_defaults(run=_command_fuse)
 
@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
             sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
         sub.add_argument("--backend", choices=BACKENDS, default="reference",
-                         help="fast: channels_last convolutions on a CPU" if stage1 else
-                         "fast: the fast path (the Triton cross encoder on a GPU; on a CPU its twins and "
-                         "channels_last convolutions)")
+                         help="fast: dense blocks padded piece by piece, channels_last convolutions on a CPU"
+                         if stage1 else "fast: the fast path (the Triton cross encoder on a GPU, its twins on a "
+                         "CPU; fewer passes around the convolutions; channels_last on a CPU)")
         sub.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N synthetic images/pairs")
         sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
         sub.add_argument("--epochs", type=int, default=4 if stage1 else 32)

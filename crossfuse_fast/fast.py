@@ -248,8 +248,8 @@ class FastCrossFuse(nn.Module):
     decoder's box filters as their algebra with its BatchNorms folded (:class:`FastFusionNet`).
     On a CPU the convolutions also run in channels_last: the images go in with NHWC strides, and
     from the first convolution on PyTorch keeps every map, pad, pool and concat in that layout
-    (2 cores, one image: 1.34x, 1.17x and 1.21x over NCHW at 256 x 256, 480 x 640 and 1024 x 1280;
-    bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``, run at 6dd2ae6). The model
+    (2 cores, one image: 1.12x, 1.16x and 1.27x over NCHW at 256 x 256, 480 x 640 and 1024 x 1280;
+    bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``, run at 086a302). The model
     itself is not touched, so threads may share it. ``channels_last=None`` does that on a CPU only,
     the one place it is measured; ``True`` or ``False`` forces it either way (``fast-triton-nhwc``
     measures it on a GPU).
