@@ -34,11 +34,17 @@ from torch import Tensor, nn
 
 from . import kernels
 from .backends import image_layout
-from .fast_convs import FastAutoEncoder, FastFusionDecoder
+from .fast_convs import Derived, FastAutoEncoder, FastFusionDecoder
 from .model import CrossFuse
 from .reference.functional import PATCH, WINDOW
 from .reference.fusion import FusionNet
-from .reference.transformer import EMBED_DIM, CrossEncoder, CrossModule, SelfModule
+from .reference.transformer import (
+    EMBED_DIM,
+    CrossAttention,
+    CrossEncoder,
+    CrossModule,
+    SelfModule,
+)
 
 KERNEL_BACKENDS = ("torch", "triton", "auto")
 """What runs the fused ops: their PyTorch twins, the Triton kernels, or by the inputs' device."""
@@ -126,12 +132,20 @@ def self_module(ops: Ops, module: SelfModule, stream: Stream, normed: Tensor | N
     return stream
 
 
-def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: MapOutput | None = None,
+def merged_kv_weights(attn: CrossAttention) -> tuple[Tensor, Tensor]:
+    """The weight and bias of one GEMM computing ``k_linear`` and ``v_linear`` of the same tokens."""
+    return (torch.cat([attn.k_linear.weight, attn.v_linear.weight]),
+            torch.cat([attn.k_linear.bias, attn.v_linear.bias]))
+
+
+def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: MapOutput | None = None, *,
+                 kv_weights: Callable[[CrossAttention], tuple[Tensor, Tensor]],
                  normed: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """A reference ``CrossModule`` on tokens: queries from ``xa``, keys, values and residual from ``xb``.
 
     ``normed``, when given, is the first block's ``(norm1(xa), norm1(xb))``, already computed.
     With ``to_map``, returns ``to_map.plus`` + the module's output, as the map the tokens were cut from.
+    ``kv_weights`` gives :func:`merged_kv_weights` of a block's attention, or the same cached.
     """
     first, second, third = xa, xb, xb
     for index, block in enumerate(module.blocks):
@@ -140,8 +154,7 @@ def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: 
         normed = None
         q = F.linear(n0, attn.q_linear.weight, attn.q_linear.bias)
         if third is second:  # keys and values read the same normalised tokens: one GEMM
-            kv = F.linear(n1, torch.cat([attn.k_linear.weight, attn.v_linear.weight]),
-                          torch.cat([attn.k_linear.bias, attn.v_linear.bias]))
+            kv = F.linear(n1, *kv_weights(attn))
         else:
             n2 = _norm(ops, block.norm1, third)
             kv = torch.cat([F.linear(n1, attn.k_linear.weight, attn.k_linear.bias),
@@ -166,6 +179,19 @@ class FastCrossEncoder(nn.Module):
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(KERNEL_BACKENDS)}")
         self.reference = reference
         self.backend = backend
+        # Concatenating them is four copies and launches per forward; in inference they are made
+        # once, and again when a weight changes.
+        self._merged_kv = {block.attn: Derived(
+            lambda attn=block.attn: (attn.k_linear.weight, attn.v_linear.weight, attn.k_linear.bias,
+                                     attn.v_linear.bias),
+            lambda attn=block.attn: merged_kv_weights(attn))
+            for module in (reference.cross_atten_block.cross_atten1, reference.cross_atten_block.cross_atten2)
+            for block in module.blocks}
+
+    def _kv_weights(self, attn: CrossAttention) -> tuple[Tensor, Tensor]:
+        """:func:`merged_kv_weights`, cached while no gradient is recorded (with one, the concatenation
+        must be in the graph)."""
+        return merged_kv_weights(attn) if torch.is_grad_enabled() else self._merged_kv[attn].get()
 
     def forward(self, ir: Tensor, vis: Tensor, shift: bool = True) -> Tensor:
         """The reference's call: each ``[128, H, W]`` entry of ``ir`` and ``vis`` is one window.
@@ -198,8 +224,10 @@ class FastCrossEncoder(nn.Module):
         norm1 = cross.cross_atten1.blocks[0].norm1
         n_ir, t_ir = ir_stream.normalised(ops, norm1)
         n_vis, t_vis = vis_stream.normalised(ops, norm1)
-        fused_ir = cross_module(ops, cross.cross_atten1, t_ir, t_vis, normed=(n_ir, n_vis))
-        return cross_module(ops, cross.cross_atten2, t_vis, t_ir, MapOutput(fused_ir, *ir.shape[-2:], window))
+        fused_ir = cross_module(ops, cross.cross_atten1, t_ir, t_vis, kv_weights=self._kv_weights,
+                                normed=(n_ir, n_vis))
+        return cross_module(ops, cross.cross_atten2, t_vis, t_ir, MapOutput(fused_ir, *ir.shape[-2:], window),
+                            kv_weights=self._kv_weights)
 
 
 def _self_module_from_map(ops: Ops, module: SelfModule, x: Tensor, window: tuple[int, int]) -> Stream:

@@ -454,6 +454,30 @@ def test_fast_fuse_deep_equals_fusion_net_windows():
         assert relative_error(h, w) < 2e-5, name
 
 
+def test_fast_encoder_merges_k_and_v_weights_once_in_inference(monkeypatch):
+    """The cross blocks' merged k | v weights are concatenated once while no gradient is recorded
+    (and again when a weight changes), on every call while one is (so it reaches the weights)."""
+    fast_module = importlib.import_module("crossfuse_fast.fast")
+    merges = []
+    merged_kv_weights = fast_module.merged_kv_weights
+    monkeypatch.setattr(fast_module, "merged_kv_weights", lambda attn: merges.append(attn) or merged_kv_weights(attn))
+    torch.manual_seed(19)
+    reference = CrossEncoder().to(DEVICE)
+    fast = FastCrossEncoder(reference, "torch")
+    ir, vis = (torch.randn(1, 128, 8, 8, device=DEVICE) for _ in range(2))
+    with torch.no_grad():
+        for _ in range(3):
+            fast(ir, vis)
+        assert len(merges) == 2  # one cross block in each of the two cross modules
+        reference.cross_atten_block.cross_atten2.blocks[0].attn.v_linear.weight.mul_(-1)
+        got = fast(ir, vis)
+        assert len(merges) == 3
+        assert relative_error(got, reference(ir, vis)) < 2e-6
+    fast(ir, vis)
+    fast(ir, vis)
+    assert len(merges) == 7
+
+
 def test_fast_encoder_names_bad_input():
     fast = FastCrossEncoder(CrossEncoder())
     with pytest.raises(ValueError, match=r"deep features \[batch, 128"):
