@@ -75,7 +75,8 @@ class FastAutoEncoder(nn.Module):
         self.reference = reference
         if not all(layer.pad.padding == 1 for block in self._dense_blocks() for layer in
                    (block.dense_conv0, block.dense_conv1, block.dense_conv2, block.adjust_conv)):
-            raise ValueError("dense_block pads each piece once with the padding its 3 x 3 convolutions share")
+            raise ValueError("FastAutoEncoder needs dense blocks whose convolutions all pad by one pixel (3 x 3, "
+                             "as released): it pads each piece once for all of them")
 
     def _dense_blocks(self) -> list[DenseBlock]:
         return [layer for layer in self.reference.fea_encoder1.dense_blocks if isinstance(layer, DenseBlock)]

@@ -56,6 +56,14 @@ def test_fast_encoder_pads_the_pieces_once():
         assert dense_padded_channels(autoencoder, lambda: FastAutoEncoder(autoencoder).encode(images)) == 224 + 320
 
 
+def test_fast_encoder_refuses_other_paddings():
+    """Padding each piece once needs one padding for every convolution of a block: say so otherwise."""
+    autoencoder = AutoEncoder()
+    autoencoder.fea_encoder1.dense_blocks[0].dense_conv1.pad = ReflectionPad(2)
+    with pytest.raises(ValueError, match="pad by one pixel"):
+        FastAutoEncoder(autoencoder)
+
+
 def test_fast_autoencoder_gradients_are_the_reference_ones():
     """Stage 1 through ``FastAutoEncoder`` reaches the autoencoder's own parameters with the
     reference's gradients (fp64: the padding's gradient is summed in another order)."""
