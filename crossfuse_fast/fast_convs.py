@@ -11,6 +11,10 @@
   gradient): one convolution with scaled weights and a shifted bias instead of a convolution and
   a normalisation pass each. Training, where BatchNorm uses the batch's statistics, runs them as
   they are.
+- **Its nearest 2x upsamplings folded into the 3 x 3 convolutions after them**
+  (:func:`upsampled_conv`): four 2 x 2 convolutions of the map before upsampling, one per output
+  parity, 2.25x fewer multiply-adds (5.5 of the decoder's 11 GFLOP fewer at 480 x 640), and
+  neither the upsampled nor the padded map is made. In training too.
 
 Plain PyTorch: the same code runs on a CPU and on a GPU. Derived weights are cached and derived
 again only when a tensor they come from changes (:class:`Derived`).
@@ -97,22 +101,74 @@ class FastAutoEncoder(nn.Module):
         return self.decode(*self.encode(images))
 
 
+# Which rows (columns) of a 3 x 3 kernel fall on the same pixel of a map before a nearest 2x
+# upsampling, for even (0) and odd (1) output rows: see :func:`upsampled_conv`.
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def phase_kernels(weight: Tensor) -> Tensor:
+    """``[4 C_out, C_in, 2, 2]``: for each output phase ``(row % 2, column % 2)``, the 2 x 2 kernel
+    over the map before upsampling that a 3 x 3 ``weight`` amounts to (:func:`upsampled_conv`)."""
+    taps = weight.new_tensor(_PHASE_TAPS)
+    return torch.einsum("sak,oikl,tbl->stoiab", taps, weight, taps).flatten(0, 2)
+
+
+def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv2d(reflection_pad_1(nearest_upsample_2x(x)), w, bias)`` without making the upsampled map,
+    with ``kernels = phase_kernels(w)``.
+
+    Each output pixel's 3 x 3 window on the upsampled map covers only 2 x 2 pixels of ``x``, and
+    which taps share a pixel depends only on the output's row and column parity: so each of the
+    four parities is a 2 x 2 convolution of ``x`` (4 multiply-adds per input channel instead of 9),
+    all four in one call. Reflection padding the upsampled map equals upsampling ``x``
+    replicate-padded by one pixel and cropping one, so the convolutions run on that.
+    """
+    batch, _, height, width = x.shape
+    channels = kernels.shape[0] // 4
+    phases = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels,
+                      None if bias is None else bias.repeat(4))
+    layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=phases.dtype, device=phases.device,
+                      memory_format=layout)
+    for row in (0, 1):
+        for column in (0, 1):
+            first = (2 * row + column) * channels
+            out[:, :, row::2, column::2] = phases[:, first:first + channels, row:row + height, column:column + width]
+    return out
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _is_nearest_2x(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Upsample) and module.mode == "nearest" and module.size is None
+            and module.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)))
+
+
 class FoldedConvLayer:
-    """A reference :class:`ConvLayer` with a BatchNorm, as one convolution in inference.
+    """A reference :class:`ConvLayer` with a BatchNorm, as one convolution in inference; with
+    ``upsampled``, applied to the nearest 2x upsampling of its input without making it.
 
     ``bn(conv(x)) = conv(x; w * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``
     while the norm uses its running statistics (eval mode); the same function up to rounding.
-    Calls in training mode or with gradients enabled run the layer itself, so gradients reach
-    its parameters as they are.
+    ``upsampled`` (a 3 x 3 layer padding one pixel) computes the convolution as
+    :func:`upsampled_conv`: 2.25x fewer multiply-adds, and neither the upsampled nor the padded
+    map is made. Calls in training mode or with gradients enabled use the layer's own parameters
+    and norm, so gradients reach them as they are.
     """
 
-    def __init__(self, layer: ConvLayer):
+    def __init__(self, layer: ConvLayer, upsampled: bool = False):
         conv, norm = layer.conv2d
         if not (isinstance(norm, nn.BatchNorm2d) and norm.affine and norm.track_running_stats):
             raise ValueError("FoldedConvLayer folds a BatchNorm2d with affine weights and running statistics")
+        if upsampled and not (conv.kernel_size == (3, 3) and layer.pad.padding == 1 and conv.stride == (1, 1)
+                              and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)):
+            raise ValueError("FoldedConvLayer(upsampled=True) takes a 3 x 3 layer padding one pixel")
         self.layer = layer
-        self._folded = Derived(lambda: (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
-                                        norm.running_var), self._fold)
+        self.upsampled = upsampled
+        self._weights = Derived(lambda: (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
+                                         norm.running_var), self._inference_weights)
 
     def _fold(self) -> tuple[Tensor, Tensor]:
         conv, norm = self.layer.conv2d
@@ -121,16 +177,41 @@ class FoldedConvLayer:
             bias = -norm.running_mean if conv.bias is None else conv.bias - norm.running_mean
             return conv.weight * scale.reshape(-1, 1, 1, 1), bias * scale + norm.bias
 
+    def _inference_weights(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._fold()
+        return (phase_kernels(weight), bias) if self.upsampled else (weight, bias)
+
     def __call__(self, x: Tensor) -> Tensor:
-        if self.layer.conv2d[1].training or torch.is_grad_enabled():
+        conv, norm = self.layer.conv2d
+        if norm.training or torch.is_grad_enabled():
+            if self.upsampled:
+                return norm(upsampled_conv(x, phase_kernels(conv.weight), conv.bias))
             return self.layer(x)
-        weight, bias = self._folded.get()
+        weight, bias = self._weights.get()
+        if self.upsampled:
+            return upsampled_conv(x, weight, bias)
         return F.conv2d(self.layer.pad(x), weight, bias)
+
+
+def _decoder_steps(modules: list[nn.Module]) -> list[Callable[[Tensor], Tensor]]:
+    """``modules`` run one after the other, with each ConvLayer as a :class:`FoldedConvLayer` and a
+    nearest 2x upsampling before a 3 x 3 one folded into it."""
+    steps: list[Callable[[Tensor], Tensor]] = []
+    for module in modules:
+        if isinstance(module, ConvLayer):
+            upsampled = bool(steps) and _is_nearest_2x(steps[-1]) and module.conv2d[0].kernel_size == (3, 3)
+            if upsampled:
+                steps.pop()
+            steps.append(FoldedConvLayer(module, upsampled))
+        else:
+            steps.append(module)
+    return steps
 
 
 class FastFusionDecoder(nn.Module):
     """A reference :class:`FusionDecoder` (its own parameters): the same call and result, up to
-    rounding, with its box filters as their algebra and its BatchNorms folded in inference.
+    rounding, with its box filters as their algebra, its upsamplings folded into the convolutions
+    after them and its BatchNorms folded in inference.
 
     The box algebra holds when each box filter's weights are all one value (as released and as
     ``box_filter`` makes them) and it has no bias; otherwise the reference decoder runs as it is.
@@ -145,9 +226,7 @@ class FastFusionDecoder(nn.Module):
         self._box_values = Derived(lambda: tuple(t for conv in convs for t in (conv.weight, conv.bias)),
                                    lambda: uniform_box_values(reference))
         self._box_values.get()
-        self._conv1 = FoldedConvLayer(reference.conv1)
-        self._conv_block = [FoldedConvLayer(layer) if isinstance(layer, ConvLayer) else layer
-                            for layer in reference.conv_block]
+        self._upsample_steps = _decoder_steps([reference.conv1, reference.up, *reference.conv_block])
         self._conv_last = FoldedConvLayer(reference.conv_last)
 
     def forward(self, fused: Tensor, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor,
@@ -182,10 +261,10 @@ class FastFusionDecoder(nn.Module):
         return self.output(y + skip)  # the 0.5 on infrared alone, as released
 
     def upsample(self, y: Tensor, height: int, width: int) -> Tensor:
-        """``FusionDecoder.upsample`` with its BatchNorms folded in inference."""
-        y = self.reference.up(self._conv1(y))
-        for layer in self._conv_block:
-            y = layer(y)
+        """``FusionDecoder.upsample`` with its BatchNorms folded in inference and its upsamplings
+        folded into the convolutions after them."""
+        for step in self._upsample_steps:
+            y = step(y)
         return match_size(y, height, width)
 
     def output(self, y: Tensor) -> Tensor:

@@ -88,7 +88,7 @@ def test_fast_decoder_is_the_reference(model, mode):
     ir_shallow, vis_shallow = (torch.rand(2, 32, 43, 61, dtype=torch.float64) for _ in range(2))
     calls = []
     for module in decoder.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Upsample)):
             module.register_forward_pre_hook(lambda module, inputs: calls.append(module))
     box_filters = {decoder.weight.conv_de, decoder.weight.conv_sh}
     with torch.set_grad_enabled(mode == "gradients"):
@@ -96,8 +96,31 @@ def test_fast_decoder_is_the_reference(model, mode):
         ran = list(calls)
         reference = decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
     assert not box_filters & set(ran)
+    assert not any(isinstance(m, torch.nn.Upsample) for m in ran)  # folded into the convolutions
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in ran) == (0 if mode == "inference" else 5)
     assert (fast - reference).abs().max().item() < 1e-9 * 255
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 1, 1), (1, 4, 1, 6), (1, 3, 2, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_upsampled_conv_is_upsample_pad_conv(shape, channels_last):
+    """The four 2 x 2 phase convolutions equal the 3 x 3 convolution of the reflection-padded nearest
+    2x upsampling (fp64: only the order of the sums differs), maps of one pixel included, in the
+    input's layout; with and without a bias."""
+    torch.manual_seed(sum(shape))
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, shape[1], 3, 3, dtype=torch.float64)
+    for bias in (torch.randn(6, dtype=torch.float64), None):
+        upsampled = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        want = torch.nn.functional.conv2d(ReflectionPad(1)(upsampled), weight, bias)
+        got = fast_convs.upsampled_conv(x, fast_convs.phase_kernels(weight), bias)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+        if not (x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):  # one pixel: both
+            assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_folded_layer_is_conv_then_batch_norm():
