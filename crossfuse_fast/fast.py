@@ -253,7 +253,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 class FastFusionNet(nn.Module):
     """A reference :class:`FusionNet` (its own parameters) with its cross encoder on the fast path
     and its decoder as :class:`~crossfuse_fast.fast_convs.FastFusionDecoder` (box filters as their
-    algebra, BatchNorms folded in inference). Same call and result as the reference, up to rounding."""
+    algebra, upsamplings folded into the convolutions, BatchNorms too in inference). Same call and
+    result as the reference, up to rounding."""
 
     def __init__(self, reference: FusionNet, backend: str = "auto"):
         super().__init__()
@@ -273,7 +274,8 @@ class FastCrossFuse(nn.Module):
 
     The encoders pad their dense blocks' pieces once
     (:class:`~crossfuse_fast.fast_convs.FastAutoEncoder`), the cross encoder runs fused and the
-    decoder's box filters as their algebra with its BatchNorms folded (:class:`FastFusionNet`).
+    decoder's box filters as their algebra with its upsamplings and BatchNorms folded into its
+    convolutions (:class:`FastFusionNet`).
     On a CPU the convolutions also run in channels_last: the images go in with NHWC strides, and
     from the first convolution on PyTorch keeps every map, pad, pool and concat in that layout
     (2 cores, one image: 1.12x, 1.16x and 1.27x over NCHW at 256 x 256, 480 x 640 and 1024 x 1280;

@@ -99,7 +99,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     Triton kernels on a GPU, their PyTorch twins on a CPU), the decoder's box filters as their
     algebra, the frozen encoders' dense blocks padding each piece once, and on a CPU the
     convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
-    cores: 1.51x the reference's; bench/RESULTS.md, ``train stage 2``, run at 086a302).
+    cores: 1.56x the reference's; bench/RESULTS.md, ``train stage 2``, run at 8d2b0c4).
     """
     check_backend(backend)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
