@@ -36,9 +36,13 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
 
     ``backend="reference"`` runs the reference model; ``"fast"`` runs the same weights on the
     fast path (:class:`crossfuse_fast.fast.FastCrossFuse`: the cross encoder on the Triton kernels
-    on a GPU, their PyTorch twins on a CPU; the decoder's box filters as their algebra; on a CPU
-    the convolutions in channels_last), with the same result up to float rounding. It needs
-    Triton installed, and says so in a ``ValueError`` where it is not.
+    on a GPU, their PyTorch twins on a CPU; the encoders' dense blocks padded piece by piece; the
+    decoder's box filters as their algebra, its upsamplings and BatchNorms folded into its
+    convolutions; on a CPU the convolutions in channels_last), with the same result up to float
+    rounding (README, Numerics). It needs
+    Triton installed, and says so in a ``ValueError`` where it is not. Its network is made once
+    per model and reused by later calls (the weights it derives are derived again when one
+    changes; a replaced module makes a new one).
 
     ``model`` is a :class:`CrossFuse` (``CrossFuse.from_original(...)`` for the released
     weights) or the path of a file written by ``CrossFuse.save``. It runs in eval mode;

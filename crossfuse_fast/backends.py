@@ -2,6 +2,7 @@
 the reference does not (the image layout is plain PyTorch)."""
 from __future__ import annotations
 
+import weakref
 from types import ModuleType
 
 import torch
@@ -38,9 +39,24 @@ def image_layout(images: Tensor, channels_last: bool | None = None) -> Tensor:
     return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
 
 
+_FAST_NETWORKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``model -> (its modules' identities, its fast network)`` for :func:`fast_crossfuse`."""
+
+
 def fast_crossfuse(model: CrossFuse) -> nn.Module:
-    """``model`` on the fast path (``fuse(backend="fast")``)."""
-    return _fast_module().FastCrossFuse(model)
+    """``model`` on the fast path (``fuse(backend="fast")``), made once and reused while the model
+    has the same modules.
+
+    Making it reads the box filters' weights, and its first call derives the folded and merged
+    weights (on a GPU: dozens of small launches and waits for the weights' values); reused, it
+    derives them again only when a weight changes. A replaced module makes a new network; the
+    entry goes with the model.
+    """
+    modules = tuple(map(id, model.modules()))
+    cached = _FAST_NETWORKS.get(model)
+    if cached is None or cached[0] != modules:
+        cached = _FAST_NETWORKS[model] = (modules, _fast_module().FastCrossFuse(model))
+    return cached[1]
 
 
 def _fast_module() -> ModuleType:

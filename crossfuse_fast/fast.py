@@ -287,7 +287,8 @@ class FastCrossFuse(nn.Module):
 
     def __init__(self, model: CrossFuse, backend: str = "auto", channels_last: bool | None = None):
         super().__init__()
-        self.reference = model
+        # No reference to ``model`` itself, only to its parts: ``fuse`` caches this network in a
+        # weak dictionary keyed by the model, which a value holding the key would keep alive.
         self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder)
         self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder)
         self.fusion = FastFusionNet(model.fusion, backend)

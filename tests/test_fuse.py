@@ -1,5 +1,7 @@
 """``fuse()``: windows, batches, sizes, numpy images and colour, and every documented bad input."""
 import copy
+import gc
+import weakref
 
 import cv2
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossfuse_fast import fast as fast_module
 from crossfuse_fast import fuse
 from crossfuse_fast.fast import FastCrossFuse
 from crossfuse_fast.synthetic import synthetic_batch, synthetic_pair
@@ -82,6 +85,38 @@ def test_fast_backend_runs_the_fast_fusion_network(model, fast_fusion_calls, fas
     fuse(ir, vis, model=model, backend="fast")
     assert len(calls) == 2  # a CPU runs the batch's images one at a time
     assert len(fast_dense_block_calls) == 2 * 2 * 2  # images x encoders x dense blocks
+
+
+def test_fast_backend_reuses_its_network(model, monkeypatch):
+    """``fuse(backend="fast")`` makes the fast network once per model (making it reads the box weights,
+    which waits for a GPU) and reuses it: a weight written in place still shows, a replaced module
+    or another model gets a new network, and the cache does not keep a model alive."""
+    made = []
+    monkeypatch.setattr(fast_module, "FastCrossFuse",
+                        type("Counted", (FastCrossFuse,), {"__init__": lambda self, m: made.append(m) or
+                                                           FastCrossFuse.__init__(self, m)}))
+    mine = copy.deepcopy(model)
+    ir, vis = torch.rand(1, 1, 24, 32) * 255, torch.rand(1, 1, 24, 32) * 255
+    first = fuse(ir, vis, model=mine, backend="fast")
+    fuse(ir, vis, model=mine, backend="fast")
+    assert len(made) == 1
+    with torch.no_grad():
+        mine.fusion.decoder_fusion.conv_block[0].conv2d[1].running_var[3].mul_(4)
+    changed = fuse(ir, vis, model=mine, backend="fast")
+    assert len(made) == 1 and (changed - first).abs().max().item() > 1
+    assert (changed - fuse(ir, vis, model=mine)).abs().max().item() < 1e-2
+    mine.fusion.decoder_fusion.conv_last = copy.deepcopy(mine.fusion.decoder_fusion.conv_last)
+    with torch.no_grad():
+        mine.fusion.decoder_fusion.conv_last.conv2d[1].bias.add_(1.0)  # the min-max stretch undoes it
+        mine.fusion.decoder_fusion.conv_last.conv2d[0].weight[0, 3].mul_(-1)
+    replaced = fuse(ir, vis, model=mine, backend="fast")
+    assert len(made) == 2 and (replaced - fuse(ir, vis, model=mine)).abs().max().item() < 1e-2
+    fuse(ir, vis, model=copy.deepcopy(mine), backend="fast")
+    assert len(made) == 3
+    alive = weakref.ref(mine)
+    del mine, made[:]
+    gc.collect()
+    assert alive() is None
 
 
 def test_fast_backend_runs_the_convolutions_channels_last_on_a_cpu(model, monkeypatch):
