@@ -142,10 +142,11 @@ def test_folded_layer_is_conv_then_batch_norm():
 def test_folded_weights_follow_changes(model):
     """The folded weights are made once and again only when a weight or statistic changes (written
     in place, or replaced): the result then is the reference decoder's on the new values."""
-    decoder = copy.deepcopy(model.fusion.decoder_fusion)
+    decoder = copy.deepcopy(model.fusion.decoder_fusion).double()  # float64: see README, Numerics
     torch.manual_seed(10)
-    inputs = (torch.randn(1, 128, 4, 6), torch.randn(1, 128, 4, 6), torch.rand(1, 32, 32, 48),
-              torch.randn(1, 128, 4, 6), torch.rand(1, 32, 32, 48))
+    inputs = tuple(x.double() for x in (torch.randn(1, 128, 4, 6), torch.randn(1, 128, 4, 6),
+                                        torch.rand(1, 32, 32, 48), torch.randn(1, 128, 4, 6),
+                                        torch.rand(1, 32, 32, 48)))
     folds = []
     fold = FoldedConvLayer._fold
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
@@ -161,8 +162,8 @@ def test_folded_weights_follow_changes(model):
         after = fast(*inputs)
         assert len(folds) == 7
         reference = decoder(*inputs)
-    assert not torch.allclose(after, before)
-    assert (after - reference).abs().max().item() < 1e-3
+    assert (after - before).abs().max().item() > 1
+    assert (after - reference).abs().max().item() < 1e-9
 
 
 @pytest.mark.parametrize("change", ["one weight", "bias"])
@@ -207,21 +208,23 @@ def test_model_made_in_inference_mode(model):
     """Parameters made under ``torch.inference_mode`` keep no version counter (reading one raised
     before): the fast path then derives its box values and folded weights on every call, so a
     write into such a weight still shows."""
+    exact = copy.deepcopy(model).double()  # float64: fp32 results can stray (README, Numerics)
     with torch.inference_mode():
-        inference_model = CrossFuse().eval()
-        inference_model.load_state_dict(model.state_dict())
-    ir, vis = torch.rand(1, 1, 40, 48) * 255, torch.rand(1, 1, 40, 48) * 255
-    reference = fuse(ir, vis, model=model)
-    assert (fuse(ir, vis, model=inference_model, backend="fast") - reference).abs().max().item() < 1e-2
+        inference_model = CrossFuse().double().eval()
+        inference_model.load_state_dict(exact.state_dict())
+    generator = torch.Generator().manual_seed(22)
+    ir, vis = (torch.rand(1, 1, 40, 48, generator=generator, dtype=torch.float64) * 255 for _ in range(2))
+    reference = fuse(ir, vis, model=exact)
+    assert (fuse(ir, vis, model=inference_model, backend="fast") - reference).abs().max().item() < 1e-9
     network = FastCrossFuse(inference_model, "torch")
     decoder = inference_model.fusion.decoder_fusion
     with torch.inference_mode():
         before = network(ir, vis)
         decoder.conv_block[0].conv2d[1].running_var[3].mul_(4)
         folded_changed = network(ir, vis)
-        assert (folded_changed - inference_model(ir, vis)).abs().max().item() < 1e-2
+        assert (folded_changed - inference_model(ir, vis)).abs().max().item() < 1e-9
         decoder.weight.conv_sh.weight[0, 0, 0, 0] += 1.0
         box_changed = network(ir, vis)
-        assert (box_changed - inference_model(ir, vis)).abs().max().item() < 1e-2  # the reference decoder
+        assert (box_changed - inference_model(ir, vis)).abs().max().item() < 1e-9  # the reference decoder
     assert (folded_changed - before).abs().max().item() > 1
     assert (box_changed - folded_changed).abs().max().item() > 1

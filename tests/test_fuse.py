@@ -95,8 +95,9 @@ def test_fast_backend_reuses_its_network(model, monkeypatch):
     monkeypatch.setattr(fast_module, "FastCrossFuse",
                         type("Counted", (FastCrossFuse,), {"__init__": lambda self, m: made.append(m) or
                                                            FastCrossFuse.__init__(self, m)}))
-    mine = copy.deepcopy(model)
-    ir, vis = torch.rand(1, 1, 24, 32) * 255, torch.rand(1, 1, 24, 32) * 255
+    mine = copy.deepcopy(model).double()  # float64: fp32 results can stray (README, Numerics)
+    generator = torch.Generator().manual_seed(21)
+    ir, vis = (torch.rand(1, 1, 24, 32, generator=generator, dtype=torch.float64) * 255 for _ in range(2))
     first = fuse(ir, vis, model=mine, backend="fast")
     fuse(ir, vis, model=mine, backend="fast")
     assert len(made) == 1
@@ -104,13 +105,13 @@ def test_fast_backend_reuses_its_network(model, monkeypatch):
         mine.fusion.decoder_fusion.conv_block[0].conv2d[1].running_var[3].mul_(4)
     changed = fuse(ir, vis, model=mine, backend="fast")
     assert len(made) == 1 and (changed - first).abs().max().item() > 1
-    assert (changed - fuse(ir, vis, model=mine)).abs().max().item() < 1e-2
+    assert (changed - fuse(ir, vis, model=mine)).abs().max().item() < 1e-9
     mine.fusion.decoder_fusion.conv_last = copy.deepcopy(mine.fusion.decoder_fusion.conv_last)
     with torch.no_grad():
         mine.fusion.decoder_fusion.conv_last.conv2d[1].bias.add_(1.0)  # the min-max stretch undoes it
         mine.fusion.decoder_fusion.conv_last.conv2d[0].weight[0, 3].mul_(-1)
     replaced = fuse(ir, vis, model=mine, backend="fast")
-    assert len(made) == 2 and (replaced - fuse(ir, vis, model=mine)).abs().max().item() < 1e-2
+    assert len(made) == 2 and (replaced - fuse(ir, vis, model=mine)).abs().max().item() < 1e-9
     fuse(ir, vis, model=copy.deepcopy(mine), backend="fast")
     assert len(made) == 3
     alive = weakref.ref(mine)
