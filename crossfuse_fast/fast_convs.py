@@ -101,16 +101,19 @@ class FastAutoEncoder(nn.Module):
         return self.decode(*self.encode(images))
 
 
-# Which rows (columns) of a 3 x 3 kernel fall on the same pixel of a map before a nearest 2x
-# upsampling, for even (0) and odd (1) output rows: see :func:`upsampled_conv`.
-_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-
-
 def phase_kernels(weight: Tensor) -> Tensor:
     """``[4 C_out, C_in, 2, 2]``: for each output phase ``(row % 2, column % 2)``, the 2 x 2 kernel
-    over the map before upsampling that a 3 x 3 ``weight`` amounts to (:func:`upsampled_conv`)."""
-    taps = weight.new_tensor(_PHASE_TAPS)
-    return torch.einsum("sak,oikl,tbl->stoiab", taps, weight, taps).flatten(0, 2)
+    over the map before upsampling that a 3 x 3 ``weight`` amounts to (:func:`upsampled_conv`).
+
+    An even output row's three kernel rows fall on two rows before upsampling, the first alone and
+    the last two together; an odd row's, the first two together and the last alone. Columns alike.
+    (Sums of the weight's own slices: no constant tensor to copy to the device on every call.)
+    """
+    def phases(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        first, middle, last = w.unbind(dim)
+        return torch.stack([first, middle + last], dim), torch.stack([first + middle, last], dim)
+
+    return torch.cat([column for row in phases(weight, 2) for column in phases(row, 3)])
 
 
 def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
