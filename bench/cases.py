@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
-from crossfuse_fast.backends import image_layout
 from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse, FastFusionNet
 from crossfuse_fast.fast_convs import FastAutoEncoder
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
@@ -317,12 +316,10 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
     step_bytes = 2 * tensor_bytes(images) + ADAM_PARAMETER_TRANSFERS * parameter_bytes(autoencoder)
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-4, weight_decay=0.9)
 
-    def stage1_step(loss_fn: Callable, network: torch.nn.Module = autoencoder,
-                    channels_last: bool | None = False) -> Callable:
-        """``channels_last`` as in ``stage2_step``."""
+    def stage1_step(loss_fn: Callable, network: torch.nn.Module = autoencoder) -> Callable:
         def step(batch):
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(network, image_layout(batch, channels_last)).backward()
+            loss_fn(network, batch).backward()
             optimizer.step()
         return step
 
@@ -331,7 +328,7 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
         make_inputs=lambda seed: _images(2, 256, 256, device, dtype)(seed)[:1],
         providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss)),
                         **_fast_in_both_layouts(lambda _, layout: stage1_step(
-                            autoencoder_loss, FastAutoEncoder(autoencoder), layout), on_gpu)}),
+                            autoencoder_loss, FastAutoEncoder(autoencoder, layout)), on_gpu)}),
         quick=True, notes="forward + backward + Adam; MS-SSIM not counted"))
 
     encoders = [AutoEncoder().to(device, dtype).eval().requires_grad_(False) for _ in range(2)]
@@ -345,14 +342,10 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
     trainable = [p for p in fusion.parameters() if p.requires_grad]
     fusion_optimizer = torch.optim.Adam(trainable, lr=1e-3, weight_decay=0.9)
 
-    def stage2_step(loss_fn: Callable, network: torch.nn.Module = fusion, encoders: list = encoders,
-                    channels_last: bool | None = False) -> Callable:
-        """``channels_last``: the images' layout, as :func:`image_layout` takes it (None: as
-        ``train_fusion(backend="fast")`` lays them out)."""
+    def stage2_step(loss_fn: Callable, network: torch.nn.Module = fusion, encoders: list = encoders) -> Callable:
         def step(ir, vis):
             fusion_optimizer.zero_grad(set_to_none=True)
-            loss_fn(network, encoders[0], encoders[1], image_layout(ir, channels_last),
-                    image_layout(vis, channels_last)).backward()
+            loss_fn(network, encoders[0], encoders[1], ir, vis).backward()
             fusion_optimizer.step()
         return step
 
@@ -363,7 +356,7 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
         make_inputs=_images(8, 256, 256, device, dtype),
         providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss)),
                         **_fast_in_both_layouts(lambda backend, layout: stage2_step(
-                            fusion_loss, FastFusionNet(fusion, backend), [FastAutoEncoder(e) for e in encoders],
-                            layout), on_gpu)}),
+                            fusion_loss, FastFusionNet(fusion, backend),
+                            [FastAutoEncoder(e, layout) for e in encoders]), on_gpu)}),
         quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
     return cases

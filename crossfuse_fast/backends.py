@@ -1,12 +1,11 @@
 """The backends a call may ask for; the fast one is imported only then, since it needs Triton and
-the reference does not (the image layout is plain PyTorch)."""
+the reference does not."""
 from __future__ import annotations
 
 import weakref
 from types import ModuleType
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .model import CrossFuse
 from .reference import FusionNet
@@ -21,22 +20,9 @@ def check_backend(backend: str) -> None:
 
 
 def fast_fusion_net(fusion: FusionNet) -> nn.Module:
-    """``fusion`` on the fast path: its cross encoder fused, its box filters as their algebra
-    (``train_fusion(backend="fast")``)."""
+    """``fusion`` on the fast path (:class:`~crossfuse_fast.fast.FastFusionNet`;
+    ``train_fusion(backend="fast")``)."""
     return _fast_module().FastFusionNet(fusion)
-
-
-def image_layout(images: Tensor, channels_last: bool | None = None) -> Tensor:
-    """``images`` ``[B, 1, H, W]`` in the layout the fast path runs its convolutions in: channels_last
-    (``channels_last=None``: on a CPU only, where it is measured faster), else as they are.
-
-    With one channel both layouts hold the same data, and ``Tensor.contiguous(memory_format=...)``
-    keeps the NCHW strides, from which PyTorch would pick NCHW for every convolution after; a
-    copy into ``empty_like(memory_format=channels_last)`` gets the NHWC strides, which it follows.
-    """
-    if not (channels_last if channels_last is not None else images.device.type == "cpu"):
-        return images
-    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
 
 
 _FAST_NETWORKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

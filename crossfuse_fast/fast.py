@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .backends import image_layout
-from .fast_convs import Derived, FastAutoEncoder, FastFusionDecoder
+from .fast_convs import Derived, FastAutoEncoder, FastFusionDecoder, is_channels_last
 from .model import CrossFuse
 from .reference.functional import PATCH, WINDOW
 from .reference.fusion import FusionNet
@@ -206,7 +205,7 @@ class FastCrossEncoder(nn.Module):
         reflection-padded 32 x 32 windows, encoded, put back and cropped, all by the end kernels' addressing."""
         _check_pair(ir_deep, vis_deep)
         fused = self._run(ir_deep, vis_deep, (WINDOW, WINDOW))
-        if ir_deep.is_contiguous(memory_format=torch.channels_last) and not ir_deep.is_contiguous():
+        if is_channels_last(ir_deep):
             # Maps in channels_last (FastCrossFuse on a CPU) get their fused map back in that layout,
             # so the decoder's sums and convolutions after it run on one layout.
             return fused.contiguous(memory_format=torch.channels_last)
@@ -258,7 +257,6 @@ class FastFusionNet(nn.Module):
 
     def __init__(self, reference: FusionNet, backend: str = "auto"):
         super().__init__()
-        self.reference = reference
         self.encoder = FastCrossEncoder(reference.cross_atten_block, backend)
         self.decoder = FastFusionDecoder(reference.decoder_fusion)
 
@@ -289,13 +287,12 @@ class FastCrossFuse(nn.Module):
         super().__init__()
         # No reference to ``model`` itself, only to its parts: ``fuse`` caches this network in a
         # weak dictionary keyed by the model, which a value holding the key would keep alive.
-        self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder)
-        self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder)
+        self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder, channels_last)
+        self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder, channels_last)
         self.fusion = FastFusionNet(model.fusion, backend)
-        self.channels_last = channels_last
 
     def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
         """``CrossFuse.forward``: fused images ``[B, 1, H, W]`` on 0..255."""
-        ir_shallow, ir_deep = self.ir_autoencoder.encode(image_layout(ir, self.channels_last))
-        vis_shallow, vis_deep = self.vis_autoencoder.encode(image_layout(vis, self.channels_last))
+        ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
+        vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
         return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow)

@@ -61,6 +61,24 @@ class Derived(Generic[T]):
         return self._value
 
 
+def image_layout(images: Tensor, channels_last: bool | None = None) -> Tensor:
+    """``images`` ``[B, 1, H, W]`` in the layout the fast path runs its convolutions in: channels_last
+    (``channels_last=None``: on a CPU only, where it is measured faster), else as they are.
+
+    With one channel both layouts hold the same data, and ``Tensor.contiguous(memory_format=...)``
+    keeps the NCHW strides, from which PyTorch would pick NCHW for every convolution after; a
+    copy into ``empty_like(memory_format=channels_last)`` gets the NHWC strides, which it follows.
+    """
+    if not (channels_last if channels_last is not None else images.device.type == "cpu"):
+        return images
+    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` has NHWC strides (and not also NCHW ones, as a one-pixel map has)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def dense_block(block: DenseBlock, x: Tensor) -> Tensor:
     """``block(x)``, with the block's input and each new piece reflection-padded once (see above)."""
     layers = (block.dense_conv0, block.dense_conv1, block.dense_conv2)
@@ -72,11 +90,17 @@ def dense_block(block: DenseBlock, x: Tensor) -> Tensor:
 
 class FastAutoEncoder(nn.Module):
     """A reference :class:`AutoEncoder` (its own parameters) with :func:`dense_block` in its
-    encoder: the same ``encode``, ``decode`` and call, bit for bit."""
+    encoder: the same ``encode``, ``decode`` and call, bit for bit in the same layout.
 
-    def __init__(self, reference: AutoEncoder):
+    ``encode`` lays its images out by :func:`image_layout` (``channels_last``), and every map
+    after follows them: PyTorch keeps each convolution, pad, pool and concat in the layout of its
+    input, through the fusion network too.
+    """
+
+    def __init__(self, reference: AutoEncoder, channels_last: bool | None = None):
         super().__init__()
         self.reference = reference
+        self.channels_last = channels_last
         if not all(layer.pad.padding == 1 for block in self._dense_blocks() for layer in
                    (block.dense_conv0, block.dense_conv1, block.dense_conv2, block.adjust_conv)):
             raise ValueError("FastAutoEncoder needs dense blocks whose convolutions all pad by one pixel (3 x 3, "
@@ -88,7 +112,7 @@ class FastAutoEncoder(nn.Module):
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``AutoEncoder.encode``: ``(shallow, deep)`` of images on 0..255."""
         encoder = self.reference.fea_encoder1
-        shallow = encoder.conv1(images / 255.0)
+        shallow = encoder.conv1(image_layout(images, self.channels_last) / 255.0)
         x = encoder.pool(shallow)
         for layer in encoder.dense_blocks:
             x = dense_block(layer, x) if isinstance(layer, DenseBlock) else layer(x)
@@ -130,7 +154,7 @@ def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
     channels = kernels.shape[0] // 4
     phases = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels,
                       None if bias is None else bias.repeat(4))
-    layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=phases.dtype, device=phases.device,
                       memory_format=layout)
     for row in (0, 1):
@@ -138,10 +162,6 @@ def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
             first = (2 * row + column) * channels
             out[:, :, row::2, column::2] = phases[:, first:first + channels, row:row + height, column:column + width]
     return out
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _is_nearest_2x(module: nn.Module) -> bool:

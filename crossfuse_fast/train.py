@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import check_backend, fast_fusion_net, image_layout
+from .backends import check_backend, fast_fusion_net
 from .checkpoints import save_tensors
 from .fast_convs import FastAutoEncoder
 from .losses import autoencoder_loss, fusion_loss
@@ -78,8 +78,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
     network = FastAutoEncoder(model) if backend == "fast" else model
-    layout = image_layout if backend == "fast" else (lambda images: images)
-    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(network, layout(images.to(device))),
+    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(network, images.to(device)),
                 optimizer, scheduler, paths, max_steps, overwrite, log)
     return model
 
@@ -114,11 +113,9 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     network = fast_fusion_net(model) if backend == "fast" else model
     encoders = ((FastAutoEncoder(ir_autoencoder), FastAutoEncoder(vis_autoencoder)) if backend == "fast"
                 else (ir_autoencoder, vis_autoencoder))
-    layout = image_layout if backend == "fast" else (lambda images: images)
 
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        ir, vis = layout(pair[0].to(device)), layout(pair[1].to(device))
-        return fusion_loss(network, *encoders, ir, vis)
+        return fusion_loss(network, *encoders, pair[0].to(device), pair[1].to(device))
 
     _run_epochs("fusion", model, loader, loss_of_batch, optimizer, scheduler, paths, max_steps, overwrite, log)
     return model

@@ -45,22 +45,24 @@ def pytest_configure(config):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    """One entry per call of ``owner.name``, which still runs."""
+    calls = []
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    return calls
+
+
 @pytest.fixture
 def fast_fusion_calls(monkeypatch) -> list:
     """One entry per ``FastFusionNet`` forward: parity alone would also pass if a ``backend="fast"``
     path ran the reference, so tests check the fast network really ran."""
     from crossfuse_fast.fast import FastFusionNet
-    calls = []
-    forward = FastFusionNet.forward
-    monkeypatch.setattr(FastFusionNet, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
-    return calls
+    return _count_calls(monkeypatch, FastFusionNet, "forward")
 
 
 @pytest.fixture
 def fast_dense_block_calls(monkeypatch) -> list:
     """One entry per dense block run by ``FastAutoEncoder`` (the encoders of ``backend="fast"``)."""
     from crossfuse_fast import fast_convs
-    calls = []
-    dense_block = fast_convs.dense_block
-    monkeypatch.setattr(fast_convs, "dense_block", lambda *a: calls.append(1) or dense_block(*a))
-    return calls
+    return _count_calls(monkeypatch, fast_convs, "dense_block")

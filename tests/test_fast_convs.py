@@ -40,8 +40,8 @@ def test_fast_encoder_is_the_reference_bit_for_bit(height, width, channels_last)
         images = torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
     with torch.no_grad():
         reference = autoencoder.encode(images)
-        fast = FastAutoEncoder(autoencoder).encode(images)
-        assert torch.equal(FastAutoEncoder(autoencoder)(images), autoencoder(images))
+        fast = FastAutoEncoder(autoencoder, channels_last).encode(images)
+        assert torch.equal(FastAutoEncoder(autoencoder, channels_last)(images), autoencoder(images))
     for want, got in zip(reference, fast):
         assert torch.equal(got, want)
 
