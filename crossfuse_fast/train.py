@@ -69,7 +69,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     ``backend="fast"`` trains the same parameters through
     :class:`~crossfuse_fast.fast_convs.FastAutoEncoder` (the encoder's dense blocks pad each piece
     once) and, on a CPU, with the convolutions in channels_last (a step on a 256 x 256 batch of 2,
-    2 cores: 1.26x the reference's; bench/RESULTS.md, ``train stage 1``, run at 086a302).
+    2 cores: 1.18x the reference's; bench/RESULTS.md, ``train stage 1``, run at ac01749).
     """
     check_backend(backend)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
@@ -98,7 +98,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     Triton kernels on a GPU, their PyTorch twins on a CPU), the decoder's box filters as their
     algebra, the frozen encoders' dense blocks padding each piece once, and on a CPU the
     convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
-    cores: 1.56x the reference's; bench/RESULTS.md, ``train stage 2``, run at 8d2b0c4).
+    cores: 1.40x the reference's; bench/RESULTS.md, ``train stage 2``, run at ac01749).
     """
     check_backend(backend)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
