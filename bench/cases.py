@@ -14,7 +14,7 @@ Providers (each added as it exists):
 - ``compile-graphs`` / ``fast-triton-graphs``: ``torch.compile(mode="reduce-overhead")`` of the
   reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
   and launch overhead are gone (the cross encoder, on a GPU only).
-- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast`` and ``.fast_convs``)
+- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``)
   with the PyTorch twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the
   convolutions in channels_last on a CPU; the cross encoder on windows, on whole deep maps and
   in training; attention alone for ``triton``). Triton providers exist on a GPU only; end to
@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
-from crossfuse_fast.fast import FastCrossEncoder, FastCrossFuse, FastFusionNet
-from crossfuse_fast.fast_convs import FastAutoEncoder
+from crossfuse_fast.fast import FastAutoEncoder, FastCrossEncoder, FastCrossFuse, FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -71,7 +70,8 @@ def _images(batch: int, height: int, width: int, device, dtype) -> Callable[[int
 
 
 def released_style_fuse(model: CrossFuse, ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
-    """The released inference loop: image by image, window by window, roll on (SPEC 2.1, 2.3)."""
+    """The released inference loop: image by image, window by window, roll on
+    (docs/model.md#windows-and-tokens, docs/model.md#cross-encoder)."""
     outputs = []
     for index in range(ir.shape[0]):
         ir_shallow, ir_deep = model.ir_autoencoder.encode(ir[index:index + 1])
@@ -98,7 +98,7 @@ def released_style_cross_encoder(encoder: torch.nn.Module, ir_deep: torch.Tensor
 def _fast_in_both_layouts(make: Callable[[str, bool | None], Callable], on_gpu: bool) -> dict[str, Callable]:
     """The fast path as users get it (``fast-torch`` on a CPU, ``fast-triton`` on a GPU) and with
     the other convolution layout (``fast-torch-nchw``, ``fast-triton-nhwc``), from
-    ``make(backend, channels_last)`` (``channels_last=None``: the default layout of that device)."""
+    ``make(kernel_backend, channels_last)`` (``channels_last=None``: the default layout of that device)."""
     if on_gpu:
         return {"fast-triton": make("triton", None), "fast-triton-nhwc": make("triton", True)}
     return {"fast-torch": make("torch", None), "fast-torch-nchw": make("torch", False)}

@@ -6,7 +6,7 @@ one multiply-add = 2 FLOPs:
 
 - ``Conv2d``: ``2 * (Cin / groups) * kh * kw * Cout * Hout * Wout * B`` (+ ``Cout*Hout*Wout*B``
   with a bias). The fixed box filters of the fusion decoder are counted as the dense convs the
-  reference runs (SPEC 4: about 12 GFLOP at 640 x 480 that algebra can remove).
+  reference runs (docs/model.md#cost: about 12 GFLOP at 640 x 480 that algebra can remove).
 - ``Linear``: ``2 * in * out * rows`` (+ ``out * rows`` with a bias).
 - Attention: ``q k^T`` and ``A v``, ``2 * 2 * B * heads * N * N * head_dim``; the softmax's
   ``~5 * B * heads * N * N`` element operations are listed apart as ``elementwise``.
@@ -106,7 +106,7 @@ def parameter_bytes(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def breakdown_table(height: int = 480, width: int = 640) -> list[str]:
-    """Markdown table of one pair's forward FLOPs by layer group (SPEC 4's sketch, counted)."""
+    """Markdown table of one pair's forward FLOPs by layer group (docs/model.md#cost, counted)."""
     model = CrossFuse().to("meta").eval()
     image = torch.empty(1, 1, height, width, device="meta")
     count = count_forward(model, lambda: model(image, image))

@@ -1,7 +1,7 @@
 """Host time per call of each Triton op, measured without a GPU.
 
 Small batches are host-bound: at 6 windows a Triton launch costs more on the CPU side than its
-kernel runs. Under :func:`bench.gpu_compile.compile_only` every launch stops right after
+kernel runs. Under :func:`crossfuse_fast.kernels.compile_inspector.compile_only` every launch stops right after
 Triton's argument binding and cache lookup, so timing the public ops there measures what a
 call costs the host (our wrapper: checks, views, allocations; Triton: binding, specialisation)
 minus the driver's launch itself, on any machine.
@@ -17,8 +17,7 @@ from collections.abc import Callable
 import torch
 
 from crossfuse_fast import kernels
-
-from .gpu_compile import compile_only
+from crossfuse_fast.kernels.compile_inspector import compile_only
 
 WINDOWS, TOKENS, HEADS, HEAD_DIM, DIM = 6, 256, 16, 32, 512
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 
 from crossfuse_fast.kernels.gelu import bias_gelu
-from crossfuse_fast.kernels.linear_gelu import GemmTiles, linear_gelu_fwd
+from crossfuse_fast.kernels.gemm_gelu import GemmTiles, linear_gelu_fwd
 
 TOKENS, IN_FEATURES, OUT_FEATURES = 256, 512, 2048
 

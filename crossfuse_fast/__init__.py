@@ -2,8 +2,10 @@
 
 ``fuse(ir, vis, model=...)`` fuses image pairs; ``CrossFuse`` bundles the two autoencoders and
 the fusion network and loads the authors' released checkpoints; ``crossfuse_fast.reference``
-is the plain-PyTorch model, ``crossfuse_fast.losses`` and ``crossfuse_fast.train`` the two
-training stages.
+is the plain-PyTorch model (docs/model.md), ``crossfuse_fast.fast`` the same weights on the fast
+path (docs/fast-path.md) with the Triton kernels of ``crossfuse_fast.kernels``,
+``crossfuse_fast.backends`` the choice between them, ``crossfuse_fast.losses`` and
+``crossfuse_fast.train`` the two training stages.
 """
 import os as _os
 

@@ -7,16 +7,17 @@ import cv2
 import numpy as np
 import torch
 
-from .backends import check_backend, fast_crossfuse
+from .backends import DEFAULT_BACKEND, check_backend, fast_crossfuse
 from .model import CrossFuse
 
 UINT16_SCALINGS = ("minmax", "full")
+DEFAULT_UINT16_SCALING = "minmax"
 MIN_SIDE = 8
 """Smallest image side: three 2 x 2 poolings must leave at least one deep pixel."""
 
 
-def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "reference",
-         uint16_scaling: str = "minmax"):
+def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = DEFAULT_BACKEND,
+         uint16_scaling: str = DEFAULT_UINT16_SCALING):
     """Fuse infrared and visible images with CrossFuse.
 
     Torch tensors ``[B, 1, H, W]``, float on 0..255, give the fused ``[B, 1, H, W]`` float on
@@ -29,20 +30,17 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = "refer
       (some datasets store infrared that way) is converted to grey with OpenCV first.
     - ``vis``: ``uint8`` or ``uint16``, ``[H, W]``, ``[H, W, 1]`` or 3-channel BGR (as
       ``cv2.imread`` gives it). A colour image gives a colour result: the network fuses the
-      luminance (OpenCV's BGR -> YCrCb) and the visible chroma is kept (SPEC 3).
+      luminance (OpenCV's BGR -> YCrCb) and the visible chroma is kept (docs/model.md#colour-and-input).
     - ``uint16`` data is mapped to 0..255 by ``uint16_scaling``: ``"minmax"`` (default)
       stretches each image's own range linearly, as thermal cameras' raw counts rarely fill
       16 bits; ``"full"`` divides by 257 (65535 -> 255).
 
     ``backend="reference"`` runs the reference model; ``"fast"`` runs the same weights on the
-    fast path (:class:`crossfuse_fast.fast.FastCrossFuse`: the cross encoder on the Triton kernels
-    on a GPU, their PyTorch twins on a CPU; the encoders' dense blocks padded piece by piece; the
-    decoder's box filters as their algebra, its upsamplings and BatchNorms folded into its
-    convolutions; on a CPU the convolutions in channels_last), with the same result up to float
-    rounding (README, Numerics). It needs
-    Triton installed, and says so in a ``ValueError`` where it is not. Its network is made once
-    per model and reused by later calls (the weights it derives are derived again when one
-    changes; a replaced module makes a new one).
+    fast path (:class:`crossfuse_fast.fast.FastCrossFuse`, docs/fast-path.md), with the same
+    result up to float rounding (docs/model.md#numerics-of-the-deep-weighting). It needs Triton
+    installed, and says so in a ``ValueError`` where it is not. Its network is made once per model
+    and reused by later calls (what it derives from the weights is derived again when one
+    changes; a replaced module makes a new network).
 
     ``model`` is a :class:`CrossFuse` (``CrossFuse.from_original(...)`` for the released
     weights) or the path of a file written by ``CrossFuse.save``. It runs in eval mode;
@@ -92,7 +90,7 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
             network = fast_crossfuse(model) if backend == "fast" else model
             ir, vis = ir.to(parameter), vis.to(parameter)
             # A CPU runs the full-resolution convolutions of a batch slower than its images one
-            # by one (480 x 640, 8 images, 2 cores: 19.4 s at once, 13.6 s one by one).
+            # by one (bench/RESULTS.md, "fuse ... b8").
             chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
             fused = torch.cat([network(ir[start:start + chunk], vis[start:start + chunk])
                                for start in range(0, ir.shape[0], chunk)])

@@ -1,27 +1,60 @@
-"""The backends a call may ask for; the fast one is imported only then, since it needs Triton and
-the reference does not."""
+"""Every backend name, how one is resolved, the defaults, and the networks each one runs.
+
+Two choices, one after the other:
+
+- ``backend`` (:data:`BACKENDS`), what ``fuse``, ``train_autoencoder``, ``train_fusion`` and the
+  command line take: ``"reference"`` runs the reference model, ``"fast"`` the same weights on
+  the fast path (:mod:`crossfuse_fast.fast`, docs/fast-path.md).
+- ``kernel_backend`` (:data:`KERNEL_BACKENDS`), what the fast path's fused ops run on:
+  ``"triton"`` the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU), ``"torch"`` their
+  PyTorch twins, ``"auto"`` (the default) the kernels on a GPU and the twins elsewhere.
+
+The fast path is imported only when asked for: it needs Triton, and the reference does not.
+"""
 from __future__ import annotations
 
 import weakref
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from .model import CrossFuse
-from .reference import FusionNet
+from .reference import AutoEncoder, FusionNet
 
 BACKENDS = ("reference", "fast")
-"""What ``fuse``, ``train_autoencoder``, ``train_fusion`` and the command line take as ``backend``."""
+DEFAULT_BACKEND = "reference"
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+DEFAULT_KERNEL_BACKEND = "auto"
 
 
 def check_backend(backend: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``backend`` is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
+def check_kernel_backend(kernel_backend: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``kernel_backend`` is one of :data:`KERNEL_BACKENDS`."""
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown backend {kernel_backend!r}; available: {', '.join(KERNEL_BACKENDS)}")
+
+
+def resolve_kernel_backend(kernel_backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"``: ``"auto"`` is the Triton kernels on a GPU, their twins elsewhere."""
+    if kernel_backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return kernel_backend
+
+
+def fast_autoencoder(autoencoder: AutoEncoder) -> nn.Module:
+    """``autoencoder`` on the fast path (``train_autoencoder(backend="fast")``, and the frozen
+    encoders of ``train_fusion(backend="fast")``)."""
+    return _fast_module().FastAutoEncoder(autoencoder)
+
+
 def fast_fusion_net(fusion: FusionNet) -> nn.Module:
-    """``fusion`` on the fast path (:class:`~crossfuse_fast.fast.FastFusionNet`;
-    ``train_fusion(backend="fast")``)."""
+    """``fusion`` on the fast path (``train_fusion(backend="fast")``)."""
     return _fast_module().FastFusionNet(fusion)
 
 
@@ -34,9 +67,9 @@ def fast_crossfuse(model: CrossFuse) -> nn.Module:
     has the same modules.
 
     Making it reads the box filters' weights, and its first call derives the folded and merged
-    weights (on a GPU: dozens of small launches and waits for the weights' values); reused, it
-    derives them again only when a weight changes. A replaced module makes a new network; the
-    entry goes with the model.
+    weights (on a GPU: small launches, and waits for the weights' values); reused, it derives them
+    again only when a weight changes. A replaced module makes a new network; the entry goes with
+    the model.
     """
     modules = tuple(map(id, model.modules()))
     cached = _FAST_NETWORKS.get(model)

@@ -13,10 +13,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .backends import BACKENDS
+from .api import DEFAULT_UINT16_SCALING, UINT16_SCALINGS
+from .backends import BACKENDS, DEFAULT_BACKEND
 from .checkpoints import load_into
 from .data import IMAGE_SUFFIXES, ImageFolder, PairedFolders, SyntheticPairs
 from .reference import AutoEncoder
+
+
+BACKEND_HELP = ("reference: the reference model; fast: the same weights on the fast path (needs Triton; "
+                "the Triton kernels on a GPU, their PyTorch twins on a CPU), the same result up to rounding")
 
 
 def _load_model(args: argparse.Namespace):
@@ -114,12 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--vis-autoencoder", help="released visible autoencoder .model file")
     fuse.add_argument("--fusion", help="released fusion network .model file")
     fuse.add_argument("--checkpoint", help="a CrossFuse bundle written by CrossFuse.save (instead of the three)")
-    fuse.add_argument("--uint16-scaling", choices=("minmax", "full"), default="minmax",
+    fuse.add_argument("--uint16-scaling", choices=UINT16_SCALINGS, default=DEFAULT_UINT16_SCALING,
                       help="how 16-bit images map to 0..255 (default: each image's own range)")
     fuse.add_argument("--device", default="cpu")
-    fuse.add_argument("--backend", choices=BACKENDS, default="reference",
-                      help="fast: the fast path (the Triton cross encoder on a GPU, its twins on a CPU; "
-                      "fewer passes around the convolutions; channels_last on a CPU), same result up to rounding")
+    fuse.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=BACKEND_HELP)
     fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     fuse.set_defaults(run=_command_fuse)
 
@@ -135,10 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--vis", help="folder of visible training images, paired by file name")
             sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
             sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
-        sub.add_argument("--backend", choices=BACKENDS, default="reference",
-                         help="fast: dense blocks padded piece by piece, channels_last convolutions on a CPU"
-                         if stage1 else "fast: the fast path (the Triton cross encoder on a GPU, its twins on a "
-                         "CPU; fewer passes around the convolutions; channels_last on a CPU)")
+        sub.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=BACKEND_HELP)
         sub.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N synthetic images/pairs")
         sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
         sub.add_argument("--epochs", type=int, default=4 if stage1 else 32)

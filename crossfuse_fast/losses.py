@@ -1,4 +1,5 @@
-"""The two training objectives of CrossFuse (SPEC 1 and 2.5), on images ``[B, 1, H, W]`` on 0..255.
+"""The two training objectives of CrossFuse (docs/model.md#stage-1-loss, docs/model.md#stage-2-loss),
+on images ``[B, 1, H, W]`` on 0..255.
 
 ``msssim`` is the widely copied "pytorch-msssim" variant the released weights were trained
 with, quirks included (dynamic range guessed from the first image at every scale, window
@@ -12,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .reference.functional import LAPLACIAN
+
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 MSSSIM_LOSS_WEIGHT = 10000.0
 GRADIENT_LOSS_WEIGHT = 10.0
-LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 
 
 def gaussian_window(size: int, sigma: float = 1.5, channels: int = 1, device=None,

@@ -1,4 +1,4 @@
-"""Both training stages with the released optimiser settings as defaults (SPEC 1 and 2.5).
+"""Both training stages with the released optimiser settings as defaults (docs/model.md#training-schedules).
 
 Stage 1 trains one autoencoder per modality; stage 2 trains the fusion network on top of the
 two frozen encoders. Each epoch's weights are saved in the released format (a plain state
@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import check_backend, fast_fusion_net
+from .backends import DEFAULT_BACKEND, check_backend, fast_autoencoder, fast_fusion_net
 from .checkpoints import save_tensors
-from .fast_convs import FastAutoEncoder
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
 
@@ -61,15 +60,13 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
                       lr: float = 1e-4, weight_decay: float = 0.9, decay_from_epoch: int = 3,
                       decay: float = 0.1, device: str | torch.device = "cpu", max_steps: int | None = None,
                       autoencoder: AutoEncoder | None = None, overwrite: bool = False, seed: int = 0,
-                      backend: str = "reference", log: Callable[[str], None] = print) -> AutoEncoder:
+                      backend: str = DEFAULT_BACKEND, log: Callable[[str], None] = print) -> AutoEncoder:
     """Stage 1 on ``dataset`` (items ``[1, H, W]`` on 0..255), writing ``autoencoder_epoch<n>.model``.
 
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
     learning rate x 0.1 from the third epoch on. ``max_steps`` caps the batches per epoch.
-    ``backend="fast"`` trains the same parameters through
-    :class:`~crossfuse_fast.fast_convs.FastAutoEncoder` (the encoder's dense blocks pad each piece
-    once) and, on a CPU, with the convolutions in channels_last (a step on a 256 x 256 batch of 2,
-    2 cores: 1.18x the reference's; bench/RESULTS.md, ``train stage 1``, run at ac01749).
+    ``backend="fast"`` trains the same parameters through the fast path's autoencoder
+    (:class:`crossfuse_fast.fast.FastAutoEncoder`, docs/fast-path.md).
     """
     check_backend(backend)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
@@ -77,7 +74,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
-    network = FastAutoEncoder(model) if backend == "fast" else model
+    network = fast_autoencoder(model) if backend == "fast" else model
     _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(network, images.to(device)),
                 optimizer, scheduler, paths, max_steps, overwrite, log)
     return model
@@ -88,17 +85,15 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                  weight_decay: float = 0.9, decay_from_epoch: int = 3, decay: float = 0.1,
                  device: str | torch.device = "cpu", max_steps: int | None = None,
                  fusion: FusionNet | None = None, overwrite: bool = False, seed: int = 0,
-                 backend: str = "reference", log: Callable[[str], None] = print) -> FusionNet:
+                 backend: str = DEFAULT_BACKEND, log: Callable[[str], None] = print) -> FusionNet:
     """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255).
 
     The encoders stay frozen; only the fusion network's trainable parameters are optimised.
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
-    ``backend="fast"`` trains the same parameters with the cross encoder on the fast path (the
-    Triton kernels on a GPU, their PyTorch twins on a CPU), the decoder's box filters as their
-    algebra, the frozen encoders' dense blocks padding each piece once, and on a CPU the
-    convolutions in channels_last (a step on a 256 x 256 batch of 8, 2
-    cores: 1.40x the reference's; bench/RESULTS.md, ``train stage 2``, run at ac01749).
+    ``backend="fast"`` trains the same parameters through the fast path
+    (:class:`crossfuse_fast.fast.FastFusionNet` on the frozen encoders'
+    :class:`crossfuse_fast.fast.FastAutoEncoder`, docs/fast-path.md).
     """
     check_backend(backend)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
@@ -111,7 +106,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
     network = fast_fusion_net(model) if backend == "fast" else model
-    encoders = ((FastAutoEncoder(ir_autoencoder), FastAutoEncoder(vis_autoencoder)) if backend == "fast"
+    encoders = ((fast_autoencoder(ir_autoencoder), fast_autoencoder(vis_autoencoder)) if backend == "fast"
                 else (ir_autoencoder, vis_autoencoder))
 
     def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -1,16 +1,29 @@
 """Triton kernels of the fast path, installed as ``crossfuse_fast.kernels``.
 
-Each op lives in one file with its kernels, launchers, registered ``crossfuse::`` ops (visible
-to ``torch.compile``) and a PyTorch twin of the same signature (``*_torch``) for the CPU path.
+One op family a file, each with its kernels, launchers (``*_fwd`` / ``*_bwd``), registered
+``crossfuse::`` ops (:class:`.registry.FusedOp`: fake, backward, visible to ``torch.compile``)
+and a PyTorch twin of the same signature (``*_torch``) for the CPU path:
+
+- :mod:`.flash_attention`: ``attention``, ``self_attention``, ``cross_attention`` (the reversed softmax);
+- :mod:`.fused_layer_norm`: ``layer_norm``, ``add_layer_norm`` (the residual add fused in);
+- :mod:`.window_layer_norm`: ``layer_norm_from_map``, ``add_layer_norm_to_map`` (the cross
+  encoder's ends, reading and writing windowed maps by address, :mod:`.windows`);
+- :mod:`.gelu`: ``bias_gelu``; :mod:`.gemm_gelu`: ``linear_gelu`` (fc1's GEMM with bias and GELU).
+
+Beside them: :mod:`.registry` (how every op is registered), :mod:`.compiler_options` (what every
+launch pins) and :mod:`.compile_inspector` (a development tool, not imported here: the kernels
+compiled for sm_90 without a GPU).
+
 Importing this package needs Triton but no GPU; on a CPU the Triton ops run only under
 ``TRITON_INTERPRET=1`` (set before the first import), which is how the tests run them.
 """
-from .attention import (attention, attention_torch, cross_attention, cross_attention_torch, self_attention,
-                        self_attention_torch)
+from .flash_attention import (attention, attention_torch, cross_attention, cross_attention_torch, self_attention,
+                              self_attention_torch)
+from .fused_layer_norm import add_layer_norm, add_layer_norm_torch, layer_norm, layer_norm_torch
 from .gelu import bias_gelu, bias_gelu_torch
-from .layer_norm import (add_layer_norm, add_layer_norm_to_map, add_layer_norm_to_map_torch, add_layer_norm_torch,
-                         layer_norm, layer_norm_from_map, layer_norm_from_map_torch, layer_norm_torch)
-from .linear_gelu import linear_gelu, linear_gelu_torch
+from .gemm_gelu import linear_gelu, linear_gelu_torch
+from .window_layer_norm import (add_layer_norm_to_map, add_layer_norm_to_map_torch, layer_norm_from_map,
+                                layer_norm_from_map_torch)
 
 __all__ = ["add_layer_norm", "add_layer_norm_to_map", "add_layer_norm_to_map_torch", "add_layer_norm_torch",
            "attention", "attention_torch", "bias_gelu", "bias_gelu_torch", "cross_attention", "cross_attention_torch",

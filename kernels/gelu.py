@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .compiler_options import COMPILER_OPTIONS
-from .dispatch import direct_call
+from .registry import FusedOp
 
 BLOCK = 1024
 
@@ -67,43 +67,35 @@ def bias_gelu_bwd(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tens
     return dx, dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
 
 
+def _bias_gelu_backward_impl(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    return bias_gelu_bwd(grad_y, x, bias)
+
+
+bias_gelu_backward = FusedOp("bias_gelu_backward", _bias_gelu_backward_impl,
+                             lambda grad_y, x, bias: (torch.empty_like(x), torch.empty_like(bias)))
+"""``(dx, dbias)`` of :func:`bias_gelu` from the saved ``x`` (the fused fc1 GEMM's backward uses it too)."""
+
+
 def _bias_gelu_impl(x: Tensor, bias: Tensor) -> Tensor:
     return bias_gelu_fwd(x, bias)
 
 
-_bias_gelu_op = torch.library.custom_op("crossfuse::bias_gelu", _bias_gelu_impl, mutates_args=())
-
-
-@_bias_gelu_op.register_fake
-def _(x, bias):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("crossfuse::bias_gelu_backward", mutates_args=())
-def _bias_gelu_backward_op(grad_y: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    return bias_gelu_bwd(grad_y, x, bias)
-
-
-@_bias_gelu_backward_op.register_fake
-def _(grad_y, x, bias):
-    return torch.empty_like(x), torch.empty_like(bias)
-
-
-def _setup(ctx, inputs, output):
+def _bias_gelu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad_y):
+def _bias_gelu_grads(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    return torch.ops.crossfuse.bias_gelu_backward(grad_y, x, bias)
+    return bias_gelu_backward.op(grad_y, x, bias)
 
 
-_bias_gelu_op.register_autograd(_backward, setup_context=_setup)
+_bias_gelu = FusedOp("bias_gelu", _bias_gelu_impl, lambda x, bias: torch.empty_like(x), backward=_bias_gelu_grads,
+                     setup_context=_bias_gelu_setup)
 
 
 def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
     """``gelu(x + bias)`` (exact erf GELU), ``bias`` over the last dimension (Triton)."""
-    return (_bias_gelu_impl if direct_call(x, bias) else _bias_gelu_op)(x, bias)
+    return _bias_gelu(x, bias)
 
 
 def bias_gelu_torch(x: Tensor, bias: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Where each token of a windowed feature map lives: SPEC 2.1's windows and patches as index math.
+"""Where each token of a windowed feature map lives: the windows and patches of
+docs/model.md#windows-and-tokens as index math.
 
 A map ``[B, C, H, W]`` is reflection-padded on the bottom and right to multiples of the window,
 cut into windows row-major, and each window's 2 x 2 patches become tokens, row-major, whose

@@ -1,4 +1,4 @@
-"""Stage 1 of CrossFuse: the per-modality autoencoder (SPEC section 1).
+"""Stage 1 of CrossFuse: the per-modality autoencoder (docs/model.md#stage-1-the-autoencoders).
 
 Module and attribute names follow the released checkpoints (``fea_encoder1``,
 ``recon_decoder1``, ``conv2d.0``), so ``load_state_dict(strict=True)`` takes the authors' files.

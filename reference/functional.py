@@ -1,4 +1,4 @@
-"""Plain-PyTorch functions the reference model calls (SPEC sections 1-2).
+"""Plain-PyTorch functions the reference model calls (docs/model.md).
 
 Each one is the readable twin of an op the fast path fuses, so tests, benchmarks and the
 model use the same definition. Shapes use one notation: ``[B, C, H, W]`` feature maps,
@@ -11,10 +11,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 WINDOW = 32
-"""Side of one attention window, in deep-feature pixels (SPEC 2.1)."""
+"""Side of one attention window, in deep-feature pixels (docs/model.md#windows-and-tokens)."""
 
 PATCH = 2
 """Side of one patch: a window of 32 x 32 deep pixels holds 16 x 16 = 256 tokens."""
+
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+"""The 4-neighbour Laplacian: the released ``conv_gra``'s initial value and the stage-2 gradient loss's kernel."""
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, reverse: bool,
@@ -22,7 +25,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, reverse:
     """``softmax(sign * (q k^T) * scale) v`` on ``[B, heads, N, head_dim]`` operands.
 
     ``reverse=True`` is CrossFuse's reversed softmax (sign -1: the least correlated keys
-    weigh most, SPEC 2.2); ``reverse=False`` the ordinary one. ``scale`` defaults to
+    weigh most, docs/model.md#blocks); ``reverse=False`` the ordinary one. ``scale`` defaults to
     ``head_dim ** -0.5``.
     """
     if scale is None:
@@ -34,9 +37,19 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, reverse:
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, N, heads * d]`` -> ``[B, heads, N, d]``: channel ``head * d + i`` is head ``head``."""
+    """``[B, N, heads * d]`` -> ``[B, heads, N, d]``: channel ``head * d + i`` is head ``head``.
+
+    A view wherever ``reshape`` can make one (always for a contiguous ``x``), so kernels may
+    write through it.
+    """
     batch, tokens, channels = x.shape
     return x.reshape(batch, tokens, heads, channels // heads).transpose(1, 2)
+
+
+def split_packed_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """``[B, N, parts * heads * d]`` (e.g. a packed ``q | k | v`` projection) -> ``parts`` views
+    ``[B, heads, N, d]``, each as :func:`split_heads` of its column block."""
+    return split_heads(x, parts * heads).unflatten(1, (parts, heads)).unbind(1)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +62,7 @@ def patchify(x: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B, (H/p)(W/p), C p p]``.
 
     Token ``i * (W/p) + j`` is patch row ``i``, column ``j``; its vector is the patch
-    flattened channel-major (``c * p * p + dy * p + dx``), SPEC 2.1.
+    flattened channel-major (``c * p * p + dy * p + dx``), docs/model.md#windows-and-tokens.
     """
     return rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch, p2=patch)
 
@@ -85,7 +98,7 @@ def reflect_pad_extended(x: torch.Tensor, left: int, right: int, top: int, botto
 
 
 def match_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The decoders' size adjust (SPEC 1): reflection-pad ``x`` up to ``height x width``.
+    """The decoders' size adjust (docs/model.md#size-adjust): reflection-pad ``x`` to ``height x width``.
 
     A difference ``d`` is split ``d // 2`` before and ``d - d // 2`` after. Nothing happens
     when the sizes already agree (always the case on the 256 x 256 training crops).
@@ -100,8 +113,8 @@ def to_windows(x: torch.Tensor, window: int | tuple[int, int] = WINDOW) -> torch
     """``[B, C, h, w]`` -> ``[B * nh * nw, C, wh, ww]``, windows row-major per image.
 
     The map is reflection-padded on the bottom and right to multiples of the window (``window``
-    x ``window`` unless given as ``(wh, ww)``), SPEC 2.1, with :func:`reflect_pad_extended` so
-    maps of 16 pixels or less work too.
+    x ``window`` unless given as ``(wh, ww)``; docs/model.md#windows-and-tokens), with
+    :func:`reflect_pad_extended` so maps of 16 pixels or less work too.
     """
     window_height, window_width = (window, window) if isinstance(window, int) else window
     height, width = x.shape[-2:]
@@ -116,7 +129,8 @@ def from_windows(windows: torch.Tensor, batch: int, height: int, width: int) -> 
 
 
 def minmax_to_255(x: torch.Tensor) -> torch.Tensor:
-    """Per image and channel: ``(x - min) / (max - min + 1e-6) * 255`` over H x W (SPEC 2.4)."""
+    """Per image and channel: ``(x - min) / (max - min + 1e-6) * 255`` over H x W
+    (docs/model.md#fusion-decoder)."""
     low = x.amin(dim=(-2, -1), keepdim=True)
     high = x.amax(dim=(-2, -1), keepdim=True)
     return (x - low) / (high - low + 1e-6) * 255.0

@@ -1,7 +1,8 @@
 """Stage 2 of CrossFuse: the fusion network (cross encoder over windows + fusion decoder).
 
-SPEC 2.4-2.5. Names follow the released checkpoint (``cross_atten_block``, ``decoder_fusion``,
-``decoder_fusion.weight.conv_de``, the unused ``conv_gra``), so it loads with ``strict=True``.
+What it computes: docs/model.md#fusion-decoder and docs/model.md#stage-2-training. Names follow
+the released checkpoint (``cross_atten_block``, ``decoder_fusion``, ``decoder_fusion.weight.conv_de``,
+the unused ``conv_gra``), so it loads with ``strict=True``.
 """
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import torch
 from torch import nn
 
 from .autoencoder import ConvLayer
-from .functional import from_windows, match_size, minmax_to_255, to_windows
+from .functional import LAPLACIAN, from_windows, match_size, minmax_to_255, to_windows
 from .transformer import CrossEncoder
-
-LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 
 
 def box_filter(channels: int) -> nn.Conv2d:
@@ -67,16 +66,16 @@ class FusionDecoder(nn.Module):
         w_ir, w_vis = self.weight.deep(ir_deep, vis_deep)
         y = self.upsample(fused + w_ir * ir_deep + w_vis * vis_deep, ir_shallow.shape[-2], ir_shallow.shape[-1])
         w_ir, w_vis = self.weight.shallow(ir_shallow, vis_shallow)
-        # The 0.5 on the infrared term alone is as released (SPEC 2.4 step 3).
+        # The 0.5 on the infrared term alone is as released (docs/model.md#fusion-decoder, step 3).
         return self.output(y + 0.5 * w_ir * ir_shallow + w_vis * vis_shallow)
 
     def upsample(self, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """SPEC 2.4 step 2: ``conv1``, then ``conv_block`` with its upsamplings, then the size
-        adjust to ``height x width``."""
+        """Step 2 of docs/model.md#fusion-decoder: ``conv1``, then ``conv_block`` with its
+        upsamplings, then the size adjust to ``height x width``."""
         return match_size(self.conv_block(self.up(self.conv1(y))), height, width)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
-        """SPEC 2.4 step 4: ``conv_last``, then the per-image min-max stretch to 0..255."""
+        """Step 4 of docs/model.md#fusion-decoder: ``conv_last``, then the per-image min-max stretch to 0..255."""
         return minmax_to_255(self.conv_last(y))
 
 
@@ -85,8 +84,8 @@ class FusionNet(nn.Module):
 
     Deep maps ``[B, 128, h, w]`` and shallow maps ``[B, 32, H, W]`` come from the two
     autoencoders' encoders. Any ``h, w >= 1`` works: the deep maps are cut into 32 x 32
-    windows (SPEC 2.1), each window goes through the cross encoder on its own, all windows of
-    the batch in one call. Returns the fused image ``[B, 1, H, W]``, min-max stretched to 0..255.
+    windows (docs/model.md#windows-and-tokens), each window goes through the cross encoder on
+    its own, all windows of the batch in one call. Returns the fused image ``[B, 1, H, W]``, min-max stretched to 0..255.
     """
 
     def __init__(self):

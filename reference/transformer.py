@@ -1,14 +1,15 @@
 """Stage 2's transformer half: self blocks, reversed-softmax cross blocks, the cross encoder.
 
-Everything works on one 32 x 32 window of deep features per batch entry (SPEC 2.1-2.3); the
-fusion network cuts images into such windows before calling :class:`CrossEncoder`.
+Everything works on one 32 x 32 window of deep features per batch entry
+(docs/model.md#windows-and-tokens, docs/model.md#blocks, docs/model.md#cross-encoder); the fusion
+network cuts images into such windows before calling :class:`CrossEncoder`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .functional import WINDOW, attention_ref, merge_heads, patchify, split_heads, unpatchify
+from .functional import WINDOW, attention_ref, merge_heads, patchify, split_heads, split_packed_heads, unpatchify
 
 EMBED_DIM = 512
 HEADS = 16
@@ -44,10 +45,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention_ref(qkv[0], qkv[1], qkv[2], reverse=False)
-        return self.proj(merge_heads(out))
+        q, k, v = split_packed_heads(self.qkv(x), 3, self.heads)
+        return self.proj(merge_heads(attention_ref(q, k, v, reverse=False)))
 
 
 class CrossAttention(nn.Module):
@@ -90,7 +89,7 @@ class SelfBlock(nn.Module):
 class CrossBlock(nn.Module):
     """On ``[x0, x1, x2]``: queries from ``x0``, keys from ``x1``, values and residual from ``x2``.
 
-    One ``norm1`` normalises all three inputs. Returns ``[LN1(x0), y, y]`` (SPEC 2.2).
+    One ``norm1`` normalises all three inputs. Returns ``[LN1(x0), y, y]`` (docs/model.md#blocks).
     """
 
     def __init__(self, dim: int = EMBED_DIM, heads: int = HEADS, mlp_ratio: int = MLP_RATIO):
@@ -165,7 +164,7 @@ class CrossAttentionStage(nn.Module):
 
 
 class CrossEncoder(nn.Module):
-    """The cross encoder on windows ``[N, 128, 32, 32]`` of both modalities (SPEC 2.3).
+    """The cross encoder on windows ``[N, 128, 32, 32]`` of both modalities (docs/model.md#cross-encoder).
 
     ``shift=True`` rolls both maps by half a window around ``self_atten_block2``, as the
     released inference does. The roll only permutes tokens, so ``shift=False`` computes the

@@ -64,5 +64,5 @@ def fast_fusion_calls(monkeypatch) -> list:
 @pytest.fixture
 def fast_dense_block_calls(monkeypatch) -> list:
     """One entry per dense block run by ``FastAutoEncoder`` (the encoders of ``backend="fast"``)."""
-    from crossfuse_fast import fast_convs
-    return _count_calls(monkeypatch, fast_convs, "dense_block")
+    from crossfuse_fast.fast import encoder
+    return _count_calls(monkeypatch, encoder, "dense_block")

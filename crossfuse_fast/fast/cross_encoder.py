@@ -1,28 +1,5 @@
-"""The fast path: the reference model's own weights, run through fused ops.
-
-``FastCrossEncoder(reference_encoder, backend)`` holds the reference module itself (so both
-run, and train, the very same parameters) and computes the same function with:
-
-- tokens kept in the patched layout from the first block to the last (the roll of SPEC 2.3
-  only permutes tokens, so it is dropped: the same function up to rounding);
-- no window or patch copies (SPEC 2.1): the first LayerNorm reads its tokens out of the
-  feature maps by address, and the last one, fused with the sum of the two cross modules,
-  writes the output map by address;
-- attention reading q, k, v straight from the projection GEMMs (``qkv`` for self blocks; ``q``
-  and one merged ``k | v`` GEMM for the cross blocks, whose ``k_linear`` and ``v_linear`` read
-  the same normalised input) and writing the heads merged;
-- LayerNorm fused with the residual add before it (also across modules: a block's last add is
-  left to the next module's first LayerNorm), and ``fc1``'s bias and GELU fused into its
-  GEMM (16-bit) or into one pass after it (fp32).
-
-``backend="triton"`` uses the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU);
-``backend="torch"`` their PyTorch twins, which is the CPU path; ``backend="auto"`` picks by the
-inputs' device. :class:`FastFusionNet` puts the fast encoder inside a reference fusion network
-with the fast decoder of :mod:`crossfuse_fast.fast_convs` (``train_fusion(backend="fast")``);
-:class:`FastCrossFuse` is the whole model with it and the fast autoencoders, and on a CPU runs
-every convolution in channels_last (``fuse(backend="fast")``). The convolutions themselves are
-still PyTorch's.
-"""
+"""The cross encoder on the fast path: the reference's own weights through the fused ops
+(docs/fast-path.md#the-cross-encoder)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,55 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .fast_convs import Derived, FastAutoEncoder, FastFusionDecoder, is_channels_last
-from .model import CrossFuse
-from .reference.functional import PATCH, WINDOW
-from .reference.fusion import FusionNet
-from .reference.transformer import (
-    EMBED_DIM,
-    CrossAttention,
-    CrossEncoder,
-    CrossModule,
-    SelfModule,
-)
+from ..backends import DEFAULT_KERNEL_BACKEND, check_kernel_backend
+from ..reference.functional import PATCH, WINDOW
+from ..reference.transformer import EMBED_DIM, CrossAttention, CrossEncoder, CrossModule, SelfModule
+from .cache import Derived
+from .layout import is_channels_last
+from .ops import Ops, ops_for
 
-KERNEL_BACKENDS = ("torch", "triton", "auto")
-"""What runs the fused ops: their PyTorch twins, the Triton kernels, or by the inputs' device."""
 DEEP_CHANNELS = EMBED_DIM // (PATCH * PATCH)
 """Channels of the deep maps whose 2 x 2 patches are the encoder's tokens."""
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The fused ops of one backend, all with the signatures of the Triton functions."""
-
-    layer_norm: Callable
-    add_layer_norm: Callable
-    linear_gelu: Callable
-    self_attention: Callable
-    cross_attention: Callable
-    layer_norm_from_map: Callable
-    add_layer_norm_to_map: Callable
-
-
-OPS = {
-    "torch": Ops(kernels.layer_norm_torch, kernels.add_layer_norm_torch, kernels.linear_gelu_torch,
-                 kernels.self_attention_torch, kernels.cross_attention_torch, kernels.layer_norm_from_map_torch,
-                 kernels.add_layer_norm_to_map_torch),
-    "triton": Ops(kernels.layer_norm, kernels.add_layer_norm, kernels.linear_gelu, kernels.self_attention,
-                  kernels.cross_attention, kernels.layer_norm_from_map, kernels.add_layer_norm_to_map),
-}
-
-
-@dataclass(frozen=True)
-class MapOutput:
-    """Where the last cross module writes: its sum with ``plus`` as a ``height x width`` map of windows."""
-
-    plus: Tensor
-    height: int
-    width: int
-    window: tuple[int, int]
 
 
 def _norm(ops: Ops, norm: nn.LayerNorm, x: Tensor) -> Tensor:
@@ -94,6 +31,16 @@ def _add_norm(ops: Ops, norm: nn.LayerNorm, x: Tensor, residual: Tensor) -> tupl
 
 def _mlp(ops: Ops, mlp: nn.Module, x: Tensor) -> Tensor:
     return F.linear(ops.linear_gelu(x, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
+
+
+@dataclass(frozen=True)
+class MapOutput:
+    """Where the last cross module writes: its sum with ``plus`` as a ``height x width`` map of windows."""
+
+    plus: Tensor
+    height: int
+    width: int
+    window: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -170,14 +117,19 @@ def cross_module(ops: Ops, module: CrossModule, xa: Tensor, xb: Tensor, to_map: 
 
 
 class FastCrossEncoder(nn.Module):
-    """Same function as ``reference`` (a :class:`CrossEncoder`), on windows or on whole deep maps."""
+    """Same function as ``reference`` (a :class:`CrossEncoder`, whose own parameters it runs and
+    trains), on windows or on whole deep maps, up to rounding.
 
-    def __init__(self, reference: CrossEncoder, backend: str = "torch"):
+    ``kernel_backend`` (:data:`~crossfuse_fast.backends.KERNEL_BACKENDS`) says what runs the fused
+    ops: the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU), their PyTorch twins, or
+    ``"auto"``, by the inputs' device.
+    """
+
+    def __init__(self, reference: CrossEncoder, kernel_backend: str = DEFAULT_KERNEL_BACKEND):
         super().__init__()
-        if backend not in KERNEL_BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(KERNEL_BACKENDS)}")
+        check_kernel_backend(kernel_backend)
         self.reference = reference
-        self.backend = backend
+        self.kernel_backend = kernel_backend
         # Concatenating them is four copies and launches per forward; in inference they are made
         # once, and again when a weight changes.
         self._merged_kv = {block.attn: Derived(
@@ -201,8 +153,9 @@ class FastCrossEncoder(nn.Module):
         return self._run(ir, vis, tuple(ir.shape[-2:]))  # the window grid refuses odd sides
 
     def fuse_deep(self, ir_deep: Tensor, vis_deep: Tensor) -> Tensor:
-        """``FusionNet.fuse_deep`` (SPEC 2.1): deep maps ``[B, 128, h, w]`` of any size, each cut into
-        reflection-padded 32 x 32 windows, encoded, put back and cropped, all by the end kernels' addressing."""
+        """``FusionNet.fuse_deep``: deep maps ``[B, 128, h, w]`` of any size, each cut into
+        reflection-padded 32 x 32 windows (docs/model.md#windows-and-tokens), encoded, put back and
+        cropped, all by the end ops' addressing."""
         _check_pair(ir_deep, vis_deep)
         fused = self._run(ir_deep, vis_deep, (WINDOW, WINDOW))
         if is_channels_last(ir_deep):
@@ -212,7 +165,7 @@ class FastCrossEncoder(nn.Module):
         return fused
 
     def _run(self, ir: Tensor, vis: Tensor, window: tuple[int, int]) -> Tensor:
-        ops = OPS[resolve_backend(self.backend, ir.device)]
+        ops = ops_for(self.kernel_backend, ir.device)
         encoder = self.reference
         first, second = encoder.self_atten_block1, encoder.self_atten_block2
         ir_stream = self_module(ops, second.self_atten1, _self_module_from_map(ops, first.self_atten1, ir, window))
@@ -240,59 +193,3 @@ def _check_pair(ir: Tensor, vis: Tensor) -> None:
         raise ValueError(f"expected deep features [batch, {DEEP_CHANNELS}, height, width], got shape {tuple(ir.shape)}")
     if vis.shape != ir.shape:
         raise ValueError(f"infrared and visible features differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"``: the Triton kernels on a GPU, their PyTorch twins elsewhere."""
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
-
-
-class FastFusionNet(nn.Module):
-    """A reference :class:`FusionNet` (its own parameters) with its cross encoder on the fast path
-    and its decoder as :class:`~crossfuse_fast.fast_convs.FastFusionDecoder` (box filters as their
-    algebra, upsamplings folded into the convolutions, BatchNorms too in inference). Same call and
-    result as the reference, up to rounding."""
-
-    def __init__(self, reference: FusionNet, backend: str = "auto"):
-        super().__init__()
-        self.encoder = FastCrossEncoder(reference.cross_atten_block, backend)
-        self.decoder = FastFusionDecoder(reference.decoder_fusion)
-
-    def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
-                shift: bool = True) -> Tensor:
-        """``shift`` is accepted for the reference's signature (the fast encoder needs no roll)."""
-        fused = self.encoder.fuse_deep(ir_deep, vis_deep)
-        return self.decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-
-
-class FastCrossFuse(nn.Module):
-    """A :class:`~crossfuse_fast.CrossFuse` (its own parameters) on the fast path: ``fuse(backend="fast")``.
-
-    The encoders pad their dense blocks' pieces once
-    (:class:`~crossfuse_fast.fast_convs.FastAutoEncoder`), the cross encoder runs fused and the
-    decoder's box filters as their algebra with its upsamplings and BatchNorms folded into its
-    convolutions (:class:`FastFusionNet`).
-    On a CPU the convolutions also run in channels_last: the images go in with NHWC strides, and
-    from the first convolution on PyTorch keeps every map, pad, pool and concat in that layout
-    (2 cores, one image: 1.12x, 1.16x and 1.27x over NCHW at 256 x 256, 480 x 640 and 1024 x 1280;
-    bench/RESULTS.md, providers ``fast-torch`` and ``fast-torch-nchw``, run at 086a302). The model
-    itself is not touched, so threads may share it. ``channels_last=None`` does that on a CPU only,
-    the one place it is measured; ``True`` or ``False`` forces it either way (``fast-triton-nhwc``
-    measures it on a GPU).
-    """
-
-    def __init__(self, model: CrossFuse, backend: str = "auto", channels_last: bool | None = None):
-        super().__init__()
-        # No reference to ``model`` itself, only to its parts: ``fuse`` caches this network in a
-        # weak dictionary keyed by the model, which a value holding the key would keep alive.
-        self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder, channels_last)
-        self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder, channels_last)
-        self.fusion = FastFusionNet(model.fusion, backend)
-
-    def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
-        """``CrossFuse.forward``: fused images ``[B, 1, H, W]`` on 0..255."""
-        ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
-        vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
-        return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow)

@@ -1,6 +1,7 @@
 """Flash attention with CrossFuse's reversed softmax, forward and backward, as Triton kernels.
 
-Math, for one head of ``q, k, v`` ``[N, D]``, ``sign = -1`` when ``reverse`` (SPEC 2.2), else +1:
+Math, for one head of ``q, k, v`` ``[N, D]``, ``sign = -1`` when ``reverse`` (the reversed softmax
+of docs/model.md#blocks), else +1:
 
     S = sign * scale * q k^T          P = softmax(S) (rows)          o = P v
 
@@ -32,8 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference.functional import merge_heads, split_heads, split_packed_heads
 from .compiler_options import COMPILER_OPTIONS
-from .dispatch import direct_call
+from .registry import FusedOp
 
 
 @triton.jit
@@ -207,10 +209,9 @@ class Tiles:
 
 @functools.cache
 def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
-    """Deterministic tiles (no autotuning, so runs repeat); ``bench/attention_tiles.py`` sweeps them.
-
-    For the model's heads (32 wide) the sweep on an H100 (2026-11-25) picked 128 x 64 tiles with
-    4 warps: one stage for fp32, three for 16-bit types (1.17x and 1.38x SDPA at 384 windows).
+    """Deterministic tiles (no autotuning, so runs repeat), chosen by ``python -m bench.attention_tiles``
+    on a GPU (bench/NOTES.md): for the model's heads (32 wide) 128 x 64 with 4 warps, one stage for
+    fp32 and three for 16-bit types; 64 x 64 or 64 x 32 for wider heads.
     """
     if head_dim <= 32:
         return Tiles(128, 64, 4, 1 if dtype == torch.float32 else 3)
@@ -221,9 +222,9 @@ def forward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
 def backward_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     """Backward tiles (the same for the dK/dV and the dQ kernel): 64 x 64, 64 x 32 for wide heads.
 
-    fp32 takes 8 warps and one stage: compiled for sm_90 by Triton 3.9, 4 warps and 3 stages left
-    the dK/dV kernel 32 registers and a 7 KiB stack of spills (``python -m bench.gpu_compile``
-    shows each kernel's registers and stack). Not yet timed on a GPU.
+    fp32 takes 8 warps and one stage, the choice that compiles for sm_90 without register spills
+    (``python -m crossfuse_fast.kernels.compile_inspector`` shows each kernel's registers and
+    stack; bench/NOTES.md has the tiles tried).
     """
     block_n = 64 if head_dim <= 64 else 32
     return Tiles(64, block_n, 8, 1) if dtype == torch.float32 else Tiles(64, block_n, 4, 3)
@@ -310,19 +311,6 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def _split_heads(x: Tensor, parts: int, heads: int) -> list[Tensor]:
-    """Views ``[B, H, N, D]`` of the ``parts`` column blocks of a ``[B, N, parts * H * D]`` tensor."""
-    batch, tokens, columns = x.shape
-    head_dim = columns // (parts * heads)
-    return list(x.view(batch, tokens, parts, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0))
-
-
-def _merged_view(out: Tensor, heads: int) -> Tensor:
-    """``[B, H, N, D]`` view of a merged-heads ``[B, N, H * D]`` tensor."""
-    batch, tokens, columns = out.shape
-    return out.view(batch, tokens, heads, columns // heads).transpose(1, 2)
-
-
 def _head_strides(x: Tensor, head_dim: int) -> tuple[int, int, int]:
     """``[batch, head, token]`` strides of the heads packed in the last dimension of ``x``
     ``[B, N, ...]`` (a projection, or a merged-heads output): what :func:`_launch_fwd` takes."""
@@ -333,6 +321,14 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _packed_head_dim(columns: int, parts: int, heads: int) -> int:
+    if columns % (parts * heads):
+        raise ValueError(f"{columns} features do not split into {parts} x {heads} heads")
+    head_dim = columns // (parts * heads)
+    _check_head_dim(head_dim)
+    return head_dim
+
+
 # ---- registered ops: the model's layouts, visible to torch.compile ----------------------------
 # Each forward op returns the output and the base-2 log-sum-exp the backward needs; its backward
 # is a second op. Heads are split and merged by strides inside the kernels, never by copies.
@@ -341,36 +337,25 @@ def _attention_impl(q: Tensor, k: Tensor, v: Tensor, reverse: bool, scale: float
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check(name, x, None if name == "q" else q)
     batch, heads, tokens, head_dim = q.shape
-    channels = heads * head_dim
-    out = torch.empty(batch, tokens, channels, device=q.device, dtype=q.dtype)
+    out = torch.empty(batch, tokens, heads * head_dim, device=q.device, dtype=q.dtype)
     lse = _launch_fwd(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], _head_strides(out, head_dim),
                       batch, heads, tokens, head_dim, reverse, scale)
     return out, lse
 
 
-_attention_op = torch.library.custom_op("crossfuse::attention", _attention_impl, mutates_args=())
-
-
-@_attention_op.register_fake
-def _(q, k, v, reverse, scale):
-    batch, heads, tokens, head_dim = q.shape
-    return (q.new_empty(batch, tokens, heads * head_dim),
-            q.new_empty(batch * heads, tokens, dtype=torch.float32))
-
-
-@torch.library.custom_op("crossfuse::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           reverse: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             reverse: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     heads = q.shape[1]
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
-    attention_bwd(_merged_view(grad_out, heads), q, k, v, _merged_view(out, heads), lse, dq, dk, dv,
+    attention_bwd(split_heads(grad_out, heads), q, k, v, split_heads(out, heads), lse, dq, dk, dv,
                   reverse=reverse, scale=scale)
     return dq, dk, dv
 
 
-@_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, reverse, scale):
-    return tuple(torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+_attention_backward = FusedOp(
+    "attention_backward", _attention_backward_impl,
+    lambda grad_out, q, k, v, out, lse, reverse, scale: tuple(
+        torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v)))
 
 
 def _attention_setup(ctx, inputs, output):
@@ -378,22 +363,18 @@ def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, *output)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _attention_grads(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    grads = torch.ops.crossfuse.attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.reverse,
-                                                    ctx.scale)
-    return *grads, None, None
+    return *_attention_backward.op(grad_out.contiguous(), q, k, v, out, lse, ctx.reverse, ctx.scale), None, None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+def _attention_fake(q, k, v, reverse, scale):
+    batch, heads, tokens, head_dim = q.shape
+    return q.new_empty(batch, tokens, heads * head_dim), q.new_empty(batch * heads, tokens, dtype=torch.float32)
 
 
-def _packed_head_dim(columns: int, parts: int, heads: int) -> int:
-    if columns % (parts * heads):
-        raise ValueError(f"{columns} features do not split into {parts} x {heads} heads")
-    head_dim = columns // (parts * heads)
-    _check_head_dim(head_dim)
-    return head_dim
+_attention = FusedOp("attention", _attention_impl, _attention_fake, backward=_attention_grads,
+                     setup_context=_attention_setup)
 
 
 def _self_attention_impl(qkv: Tensor, heads: int, reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -408,28 +389,17 @@ def _self_attention_impl(qkv: Tensor, heads: int, reverse: bool, scale: float) -
     return out, lse
 
 
-_self_attention_op = torch.library.custom_op("crossfuse::self_attention", _self_attention_impl,
-                                             mutates_args=())
-
-
-@_self_attention_op.register_fake
-def _(qkv, heads, reverse, scale):
-    batch, tokens, columns = qkv.shape
-    return qkv.new_empty(batch, tokens, columns // 3), qkv.new_empty(batch * heads, tokens, dtype=torch.float32)
-
-
-@torch.library.custom_op("crossfuse::self_attention_backward", mutates_args=())
-def _self_attention_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int,
-                                reverse: bool, scale: float) -> Tensor:
+def _self_attention_backward_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int,
+                                  reverse: bool, scale: float) -> Tensor:
     grad_qkv = torch.empty_like(qkv)
-    attention_bwd(_merged_view(grad_out, heads), *_split_heads(qkv, 3, heads), _merged_view(out, heads), lse,
-                  *_split_heads(grad_qkv, 3, heads), reverse=reverse, scale=scale)
+    attention_bwd(split_heads(grad_out, heads), *split_packed_heads(qkv, 3, heads), split_heads(out, heads), lse,
+                  *split_packed_heads(grad_qkv, 3, heads), reverse=reverse, scale=scale)
     return grad_qkv
 
 
-@_self_attention_backward_op.register_fake
-def _(grad_out, qkv, out, lse, heads, reverse, scale):
-    return torch.empty_like(qkv)
+_self_attention_backward = FusedOp(
+    "self_attention_backward", _self_attention_backward_impl,
+    lambda grad_out, qkv, out, lse, heads, reverse, scale: torch.empty_like(qkv))
 
 
 def _self_attention_setup(ctx, inputs, output):
@@ -437,14 +407,19 @@ def _self_attention_setup(ctx, inputs, output):
     ctx.save_for_backward(qkv, *output)
 
 
-def _self_attention_backward(ctx, grad_out, grad_lse):
+def _self_attention_grads(ctx, grad_out, grad_lse):
     qkv, out, lse = ctx.saved_tensors
-    grad_qkv = torch.ops.crossfuse.self_attention_backward(grad_out.contiguous(), qkv, out, lse, ctx.heads,
-                                                           ctx.reverse, ctx.scale)
+    grad_qkv = _self_attention_backward.op(grad_out.contiguous(), qkv, out, lse, ctx.heads, ctx.reverse, ctx.scale)
     return grad_qkv, None, None, None
 
 
-_self_attention_op.register_autograd(_self_attention_backward, setup_context=_self_attention_setup)
+def _self_attention_fake(qkv, heads, reverse, scale):
+    batch, tokens, columns = qkv.shape
+    return qkv.new_empty(batch, tokens, columns // 3), qkv.new_empty(batch * heads, tokens, dtype=torch.float32)
+
+
+_self_attention = FusedOp("self_attention", _self_attention_impl, _self_attention_fake,
+                          backward=_self_attention_grads, setup_context=_self_attention_setup)
 
 
 def _cross_attention_impl(q: Tensor, kv: Tensor, heads: int, reverse: bool,
@@ -461,29 +436,18 @@ def _cross_attention_impl(q: Tensor, kv: Tensor, heads: int, reverse: bool,
     return out, lse
 
 
-_cross_attention_op = torch.library.custom_op("crossfuse::cross_attention", _cross_attention_impl,
-                                              mutates_args=())
-
-
-@_cross_attention_op.register_fake
-def _(q, kv, heads, reverse, scale):
-    batch, tokens, _ = q.shape
-    return torch.empty_like(q), q.new_empty(batch * heads, tokens, dtype=torch.float32)
-
-
-@torch.library.custom_op("crossfuse::cross_attention_backward", mutates_args=())
-def _cross_attention_backward_op(grad_out: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, heads: int,
-                                 reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _cross_attention_backward_impl(grad_out: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, heads: int,
+                                   reverse: bool, scale: float) -> tuple[Tensor, Tensor]:
     grad_q, grad_kv = torch.empty_like(q), torch.empty_like(kv)
-    attention_bwd(_merged_view(grad_out, heads), *_split_heads(q, 1, heads), *_split_heads(kv, 2, heads),
-                  _merged_view(out, heads), lse, *_split_heads(grad_q, 1, heads), *_split_heads(grad_kv, 2, heads),
+    attention_bwd(split_heads(grad_out, heads), split_heads(q, heads), *split_packed_heads(kv, 2, heads),
+                  split_heads(out, heads), lse, split_heads(grad_q, heads), *split_packed_heads(grad_kv, 2, heads),
                   reverse=reverse, scale=scale)
     return grad_q, grad_kv
 
 
-@_cross_attention_backward_op.register_fake
-def _(grad_out, q, kv, out, lse, heads, reverse, scale):
-    return torch.empty_like(q), torch.empty_like(kv)
+_cross_attention_backward = FusedOp(
+    "cross_attention_backward", _cross_attention_backward_impl,
+    lambda grad_out, q, kv, out, lse, heads, reverse, scale: (torch.empty_like(q), torch.empty_like(kv)))
 
 
 def _cross_attention_setup(ctx, inputs, output):
@@ -491,14 +455,20 @@ def _cross_attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, kv, *output)
 
 
-def _cross_attention_backward(ctx, grad_out, grad_lse):
+def _cross_attention_grads(ctx, grad_out, grad_lse):
     q, kv, out, lse = ctx.saved_tensors
-    grad_q, grad_kv = torch.ops.crossfuse.cross_attention_backward(grad_out.contiguous(), q, kv, out, lse,
-                                                                   ctx.heads, ctx.reverse, ctx.scale)
+    grad_q, grad_kv = _cross_attention_backward.op(grad_out.contiguous(), q, kv, out, lse, ctx.heads, ctx.reverse,
+                                                   ctx.scale)
     return grad_q, grad_kv, None, None, None
 
 
-_cross_attention_op.register_autograd(_cross_attention_backward, setup_context=_cross_attention_setup)
+def _cross_attention_fake(q, kv, heads, reverse, scale):
+    batch, tokens, _ = q.shape
+    return torch.empty_like(q), q.new_empty(batch * heads, tokens, dtype=torch.float32)
+
+
+_cross_attention = FusedOp("cross_attention", _cross_attention_impl, _cross_attention_fake,
+                           backward=_cross_attention_grads, setup_context=_cross_attention_setup)
 
 
 # ---- public functions (Triton) and their PyTorch twins with the same signatures --------------
@@ -510,9 +480,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, reverse: bool, scale: float | 
     """
     heads = q.shape[1]
     q, k, v = (_unit_last_stride(x) for x in (q, k, v))
-    op = _attention_impl if direct_call(q, k, v) else _attention_op
-    out, _ = op(q, k, v, reverse, default_scale(q.shape[-1]) if scale is None else scale)
-    return _merged_view(out, heads)
+    out, _ = _attention(q, k, v, reverse, default_scale(q.shape[-1]) if scale is None else scale)
+    return split_heads(out, heads)
 
 
 def attention_torch(q: Tensor, k: Tensor, v: Tensor, *, reverse: bool, scale: float | None = None) -> Tensor:
@@ -524,27 +493,22 @@ def self_attention(qkv: Tensor, heads: int, *, reverse: bool = False, scale: flo
     """Attention of a packed ``[B, N, 3 C]`` projection (q | k | v, heads inside each) -> ``[B, N, C]``."""
     qkv = qkv.contiguous()
     head_dim = qkv.shape[-1] // (3 * heads)
-    op = _self_attention_impl if direct_call(qkv) else _self_attention_op
-    return op(qkv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
+    return _self_attention(qkv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
 
 
 def self_attention_torch(qkv: Tensor, heads: int, *, reverse: bool = False, scale: float | None = None) -> Tensor:
-    q, k, v = _split_heads(qkv.contiguous(), 3, heads)
-    out = attention_torch(q, k, v, reverse=reverse, scale=scale)
-    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
+    q, k, v = split_packed_heads(qkv.contiguous(), 3, heads)
+    return merge_heads(attention_torch(q, k, v, reverse=reverse, scale=scale))
 
 
 def cross_attention(q: Tensor, kv: Tensor, heads: int, *, reverse: bool = True, scale: float | None = None) -> Tensor:
     """Queries ``[B, N, C]`` against a packed ``[B, N, 2 C]`` key | value projection -> ``[B, N, C]``."""
     q, kv = q.contiguous(), kv.contiguous()
     head_dim = q.shape[-1] // heads
-    op = _cross_attention_impl if direct_call(q, kv) else _cross_attention_op
-    return op(q, kv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
+    return _cross_attention(q, kv, heads, reverse, default_scale(head_dim) if scale is None else scale)[0]
 
 
 def cross_attention_torch(q: Tensor, kv: Tensor, heads: int, *, reverse: bool = True,
                           scale: float | None = None) -> Tensor:
-    (q4,) = _split_heads(q.contiguous(), 1, heads)
-    k4, v4 = _split_heads(kv.contiguous(), 2, heads)
-    out = attention_torch(q4, k4, v4, reverse=reverse, scale=scale)
-    return out.transpose(1, 2).reshape(q.shape)
+    k, v = split_packed_heads(kv.contiguous(), 2, heads)
+    return merge_heads(attention_torch(split_heads(q.contiguous(), heads), k, v, reverse=reverse, scale=scale))

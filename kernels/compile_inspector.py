@@ -1,4 +1,4 @@
-"""Compile the Triton kernels for a GPU on a machine without one, and read what they use.
+"""The compile inspector: the Triton kernels compiled for a GPU on a machine without one, and what they use.
 
 Triton's NVIDIA backend ships ``ptxas``, so a kernel compiles to a cubin for an H100 or H200
 (``sm_90``) on any Linux machine: the real code generator, not the interpreter.
@@ -7,13 +7,14 @@ usual on CPU tensors (whose contents then mean nothing), so each kernel compiles
 the arguments, specialisations and tiles the model gives it. :func:`resource_usage` reads the
 registers, the stack (register spills) and the shared memory from the cubin.
 
-    python -m bench.gpu_compile                   # every kernel of the fast encoder, forward and backward
-    python -m bench.gpu_compile --json            # the same rows as JSON (tests/test_kernels_compile.py)
-    python -m bench.gpu_compile --attention-tiles # registers and spills of each tile bench.attention_tiles times
+    python -m crossfuse_fast.kernels.compile_inspector         # every kernel of the fast encoder, fwd and bwd
+    python -m crossfuse_fast.kernels.compile_inspector --json  # the same rows as JSON (the compile tests)
+    python -m bench.attention_tiles --registers                # registers and spills of each swept tile
 
 Run it without ``TRITON_INTERPRET``: kernels defined under the interpreter cannot be compiled.
 Only kernels' compilation is checked here; their numbers are checked by the tests, their speed
-by ``python -m bench`` on a GPU.
+by ``python -m bench`` on a GPU. Not imported by ``crossfuse_fast.kernels`` (it reaches into
+Triton's driver and compiler internals): a development tool, run on its own.
 """
 from __future__ import annotations
 
@@ -33,11 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
-from crossfuse_fast.fast import FastCrossEncoder
-from crossfuse_fast.kernels.attention import attention_bwd, attention_fwd
-from crossfuse_fast.reference.transformer import CrossEncoder
-
-from .attention_tiles import BACKWARD_TILES, FORWARD_TILES, HEAD_DIM, HEADS, TOKENS
+from ..reference.transformer import CrossEncoder
 
 HOPPER = GPUTarget("cuda", 90, 32)
 """H100 and H200."""
@@ -126,6 +123,8 @@ def resource_usage(launch: Launch, case: str) -> Resources:
 
 def fast_encoder_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
     """Every distinct kernel the fast encoder launches, forward and backward, on a padded deep map."""
+    from ..fast import FastCrossEncoder  # the fast path imports this package: only when run
+
     rows, seen = [], set()
     for dtype in dtypes:
         torch.manual_seed(0)
@@ -140,44 +139,22 @@ def fast_encoder_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resou
     return rows
 
 
-def attention_tile_resources(dtypes=(torch.float32, torch.bfloat16)) -> Iterator[tuple[str, object, Resources]]:
-    """``(direction, tiles, resources)`` of the attention kernels for every tile choice that
-    ``bench.attention_tiles`` times on a GPU, at the model's heads (16 of 32, 256 tokens)."""
-    for dtype in dtypes:
-        case = str(dtype).removeprefix("torch.")
-        q, k, v, grad = (torch.randn(2, HEADS, TOKENS, HEAD_DIM, dtype=dtype) for _ in range(4))
-        out, lse = torch.empty_like(q), torch.zeros(2 * HEADS, TOKENS)
-        grads = [torch.empty_like(q) for _ in range(3)]
-        sweeps = [("forward", tiles) for tiles in FORWARD_TILES] + [("backward", tiles) for tiles in BACKWARD_TILES]
-        for direction, tiles in sweeps:
-            with compile_only() as launches:
-                if direction == "forward":
-                    attention_fwd(q, k, v, out, reverse=True, scale=0.125, tiles=tiles)
-                else:
-                    attention_bwd(grad, q, k, v, out, lse, *grads, reverse=True, scale=0.125, tiles=tiles)
-            for launch in launches:
-                if "preprocess" not in launch.name:
-                    yield direction, tiles, resource_usage(launch, case)
+def print_table(rows: list[Resources]) -> None:
+    print(f"{'kernel':34} {'dtype':9} {'regs':>5} {'stack':>6} {'shared':>7} tensor cores")
+    for row in rows:
+        cores = "yes" if row.tensor_cores else ("no" if row.has_dot else "-")
+        print(f"{row.name:34} {row.case:9} {row.registers:5d} {row.stack_bytes:6d} {row.shared_bytes:7d} {cores}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--attention-tiles", action="store_true", help="registers and spills per attention tile")
     args = parser.parse_args(argv)
-    if args.attention_tiles:
-        for direction, tiles, row in attention_tile_resources():
-            print(f"{row.name:28} {row.case:9} {tiles}  regs {row.registers:3d}  stack {row.stack_bytes:5d}  "
-                  f"shared {row.shared_bytes:6d}", flush=True)
-        return
     rows = fast_encoder_resources()
     if args.json:
         print(json.dumps([asdict(row) for row in rows]))
-        return
-    print(f"{'kernel':34} {'dtype':9} {'regs':>5} {'stack':>6} {'shared':>7} tensor cores")
-    for row in rows:
-        cores = "yes" if row.tensor_cores else ("no" if row.has_dot else "-")
-        print(f"{row.name:34} {row.case:9} {row.registers:5d} {row.stack_bytes:6d} {row.shared_bytes:7d} {cores}")
+    else:
+        print_table(rows)
 
 
 if __name__ == "__main__":

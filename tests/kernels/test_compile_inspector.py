@@ -2,7 +2,8 @@
 
 The other kernel tests run in Triton's interpreter, which never meets the code generator; this
 one compiles every kernel the fast encoder launches (forward and backward, fp32 and bf16, on a
-padded deep map) in a fresh process without ``TRITON_INTERPRET`` (``bench/gpu_compile.py``).
+padded deep map) in a fresh process without ``TRITON_INTERPRET``
+(``crossfuse_fast.kernels.compile_inspector``).
 """
 import json
 import os
@@ -13,16 +14,16 @@ from pathlib import Path
 import pytest
 import triton
 
-from bench.gpu_compile import MAX_SHARED_BYTES
+from crossfuse_fast.kernels.compile_inspector import MAX_SHARED_BYTES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 EXPECTED_KERNELS = {
     "_attention_fwd_kernel", "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel",
     "_attention_bwd_dq_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_map_fwd_kernel",
     "_layer_norm_map_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_linear_gelu_kernel"}
 MEASURED_SPILLS = {("_attention_fwd_kernel", "float32")}
-"""Tiles chosen by timing on an H100 although Triton 3.9 spills registers there (bench/NOTES.md)."""
+"""Tiles chosen by timing on a GPU although Triton 3.9 spills registers there (bench/NOTES.md)."""
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def compiled() -> list[dict]:
         pytest.skip(f"this Triton has no NVIDIA ptxas at {PTXAS}")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"  # Triton 3.10's default: only a pinned option turns fusion on
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_compile", "--json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "crossfuse_fast.kernels.compile_inspector", "--json"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 

@@ -22,8 +22,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .compiler_options import COMPILER_OPTIONS
-from .dispatch import direct_call
-from .gelu import bias_gelu, bias_gelu_torch, gelu
+from .gelu import bias_gelu, bias_gelu_backward, bias_gelu_torch, gelu
+from .registry import FusedOp
 
 
 @triton.jit
@@ -108,27 +108,23 @@ def _linear_gelu_impl(x: Tensor, weight: Tensor, bias: Tensor, save_pre: bool) -
     return linear_gelu_fwd(x, weight, bias, save_pre=save_pre)
 
 
-_linear_gelu_op = torch.library.custom_op("crossfuse::linear_gelu", _linear_gelu_impl, mutates_args=())
-
-
-@_linear_gelu_op.register_fake
-def _(x, weight, bias, save_pre):
+def _linear_gelu_fake(x, weight, bias, save_pre):
     shape = (*x.shape[:-1], weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape) if save_pre else x.new_empty(0)
 
 
-def _setup(ctx, inputs, output):
+def _linear_gelu_setup(ctx, inputs, output):
     x, weight, bias, save_pre = inputs
     _, pre = output
     ctx.save_pre = save_pre
     ctx.save_for_backward(x, weight, bias, pre)
 
 
-def _backward(ctx, grad_y, grad_pre):
+def _linear_gelu_grads(ctx, grad_y, grad_pre):
     if not ctx.save_pre:
         raise RuntimeError("crossfuse::linear_gelu ran with save_pre=False and cannot give gradients")
     x, weight, bias, pre = ctx.saved_tensors
-    grad_z, grad_bias = torch.ops.crossfuse.bias_gelu_backward(grad_y, pre, bias)
+    grad_z, grad_bias = bias_gelu_backward.op(grad_y, pre, bias)
     if grad_pre is not None:  # the pre-activation output x W^T used downstream too
         grad_z = grad_z + grad_pre
     grad_z2 = grad_z.reshape(-1, grad_z.shape[-1])
@@ -137,7 +133,8 @@ def _backward(ctx, grad_y, grad_pre):
     return grad_x, grad_weight, grad_bias, None
 
 
-_linear_gelu_op.register_autograd(_backward, setup_context=_setup)
+_linear_gelu = FusedOp("linear_gelu", _linear_gelu_impl, _linear_gelu_fake, backward=_linear_gelu_grads,
+                       setup_context=_linear_gelu_setup)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -145,10 +142,8 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     16-bit inputs, cuBLAS then :func:`.gelu.bias_gelu` for fp32 (see the module's note)."""
     if x.dtype == torch.float32:
         return bias_gelu(F.linear(x, weight), bias)
-    if direct_call(x, weight, bias):
-        return _linear_gelu_impl(x, weight, bias, False)[0]
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-    return _linear_gelu_op(x, weight, bias, save_pre)[0]
+    return _linear_gelu(x, weight, bias, save_pre)[0]
 
 
 def linear_gelu_torch(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -1,0 +1,75 @@
+"""A decoder ``ConvLayer`` with its BatchNorm folded into the convolution in inference, and the
+upsampling before it folded in too (docs/fast-path.md#batchnorms-folded-into-the-convolutions)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..reference.autoencoder import ConvLayer
+from .cache import Derived
+from .upsample_fold import is_nearest_2x, phase_kernels, upsampled_conv
+
+
+class FoldedConvLayer:
+    """A reference :class:`ConvLayer` with a BatchNorm, as one convolution in inference; with
+    ``upsampled``, applied to the nearest 2x upsampling of its input without making it.
+
+    ``bn(conv(x)) = conv(x; w * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``
+    while the norm uses its running statistics (eval mode, no gradient): the same function up to
+    rounding. ``upsampled`` (a 3 x 3 layer padding one pixel) computes the convolution by
+    :func:`.upsample_fold.upsampled_conv`. Calls in training mode or with gradients enabled use the
+    layer's own parameters and norm, so gradients reach them as they are. The folded weights are
+    made again only when one they come from changes (:class:`.cache.Derived`).
+    """
+
+    def __init__(self, layer: ConvLayer, upsampled: bool = False):
+        conv, norm = layer.conv2d
+        if not (isinstance(norm, nn.BatchNorm2d) and norm.affine and norm.track_running_stats):
+            raise ValueError("FoldedConvLayer folds a BatchNorm2d with affine weights and running statistics")
+        if upsampled and not (conv.kernel_size == (3, 3) and layer.pad.padding == 1 and conv.stride == (1, 1)
+                              and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)):
+            raise ValueError("FoldedConvLayer(upsampled=True) takes a 3 x 3 layer padding one pixel")
+        self.layer = layer
+        self.upsampled = upsampled
+        self._weights = Derived(lambda: (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
+                                         norm.running_var), self._inference_weights)
+
+    def _fold(self) -> tuple[Tensor, Tensor]:
+        conv, norm = self.layer.conv2d
+        with torch.no_grad():
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            bias = -norm.running_mean if conv.bias is None else conv.bias - norm.running_mean
+            return conv.weight * scale.reshape(-1, 1, 1, 1), bias * scale + norm.bias
+
+    def _inference_weights(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._fold()
+        return (phase_kernels(weight), bias) if self.upsampled else (weight, bias)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        conv, norm = self.layer.conv2d
+        if norm.training or torch.is_grad_enabled():
+            if self.upsampled:
+                return norm(upsampled_conv(x, phase_kernels(conv.weight), conv.bias))
+            return self.layer(x)
+        weight, bias = self._weights.get()
+        if self.upsampled:
+            return upsampled_conv(x, weight, bias)
+        return F.conv2d(self.layer.pad(x), weight, bias)
+
+
+def folded_steps(modules: list[nn.Module]) -> list[Callable[[Tensor], Tensor]]:
+    """``modules`` run one after the other, with each ConvLayer as a :class:`FoldedConvLayer` and a
+    nearest 2x upsampling before a 3 x 3 one folded into it."""
+    steps: list[Callable[[Tensor], Tensor]] = []
+    for module in modules:
+        if isinstance(module, ConvLayer):
+            upsampled = bool(steps) and is_nearest_2x(steps[-1]) and module.conv2d[0].kernel_size == (3, 3)
+            if upsampled:
+                steps.pop()
+            steps.append(FoldedConvLayer(module, upsampled))
+        else:
+            steps.append(module)
+    return steps

@@ -1,0 +1,55 @@
+"""How every fused op is registered: one ``crossfuse::`` custom op, its fake, its backward, a direct call.
+
+:class:`FusedOp` does the registration that each op of this package needs, so that an op file
+holds only what is its own: the implementation (launchers on real tensors), the fake (output
+shapes for ``torch.compile`` and ``opcheck``), and, where the op has gradients, what its
+forward saves and how its backward turns saved tensors into gradients. A backward that launches
+kernels is itself a ``FusedOp`` without autograd, so the compiler sees it as one opaque node too.
+
+Why ``torch.library.custom_op`` and not ``torch.library.triton_op``: a ``triton_op`` lets
+Inductor see the kernels, but on a CPU the kernels run in Triton's interpreter, which Inductor
+cannot trace: fake tensors reach the interpreter (without a registered fake), or Inductor lowers
+the op's body and the interpreter dereferences its storage (with one). The suite, which runs on a
+CPU, would then test another registration than the GPU runs. A custom op is opaque to Inductor
+on both, and the same code is tested on both.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def direct_call(*args) -> bool:
+    """True outside ``torch.compile`` when no tensor among ``args`` needs a gradient.
+
+    Then the op's autograd and compiler registration add nothing but Python dispatch (tens of
+    microseconds per call, which dominates small inference batches), so :class:`FusedOp` calls
+    the implementation it wraps.
+    """
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args))
+
+
+class FusedOp:
+    """``crossfuse::<name>``: ``impl`` registered as a custom op (no argument mutated) with ``fake``
+    and, when ``backward`` is given, its autograd formula.
+
+    ``impl`` must be annotated (the op's schema comes from its annotations). ``fake(*args)``
+    returns empty outputs of the right shapes; ``setup_context(ctx, inputs, output)`` saves what
+    ``backward(ctx, *grad_outputs)`` needs, and ``backward`` returns one gradient (or None) per
+    input. Calling the ``FusedOp`` runs ``impl`` directly where :func:`direct_call` allows, the
+    registered op otherwise; ``.op`` is the registered op itself.
+    """
+
+    def __init__(self, name: str, impl: Callable, fake: Callable, *, backward: Callable | None = None,
+                 setup_context: Callable | None = None):
+        self.impl = impl
+        self.op = torch.library.custom_op(f"crossfuse::{name}", impl, mutates_args=())
+        self.op.register_fake(fake)
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup_context)
+
+    def __call__(self, *args):
+        return (self.impl if direct_call(*args) else self.op)(*args)

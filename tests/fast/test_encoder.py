@@ -1,0 +1,70 @@
+"""``crossfuse_fast.fast.encoder``: the dense blocks padded piece by piece, bit for bit the reference."""
+import pytest
+import torch
+
+from crossfuse_fast.fast import FastAutoEncoder
+from crossfuse_fast.reference import AutoEncoder
+from crossfuse_fast.reference.autoencoder import DenseBlock, ReflectionPad
+
+
+def dense_padded_channels(autoencoder: AutoEncoder, run) -> int:
+    """Channels reflection-padded inside the encoder's dense blocks while ``run()`` runs."""
+    padded = []
+    hooks = [pad.register_forward_pre_hook(lambda module, inputs: padded.append(inputs[0].shape[1]))
+             for block in autoencoder.modules() if isinstance(block, DenseBlock)
+             for pad in block.modules() if isinstance(pad, ReflectionPad)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(padded)
+
+
+@pytest.mark.parametrize("height,width", [(64, 80), (37, 50), (8, 8), (16, 9)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fast_encoder_is_the_reference_bit_for_bit(height, width, channels_last):
+    """Padding each piece once builds the very tensors the reference convolves, in either layout, also
+    where the deep maps are a pixel or two wide (the padding then repeats as ``reflect_pad_extended``)."""
+    torch.manual_seed(height * width)
+    autoencoder = AutoEncoder().eval()
+    images = torch.rand(2, 1, height, width) * 255
+    if channels_last:
+        images = torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
+    with torch.no_grad():
+        reference = autoencoder.encode(images)
+        fast = FastAutoEncoder(autoencoder, channels_last).encode(images)
+        assert torch.equal(FastAutoEncoder(autoencoder, channels_last)(images), autoencoder(images))
+    for want, got in zip(reference, fast):
+        assert torch.equal(got, want)
+
+
+def test_fast_encoder_pads_the_pieces_once():
+    """What makes it faster: 32 + 64 x 3 and 128 + 64 x 3 channels padded in the two dense blocks,
+    against the reference's 32 + 96 + 160 + 224 and 128 + 192 + 256 + 320."""
+    autoencoder = AutoEncoder().eval()
+    images = torch.rand(1, 1, 32, 32) * 255
+    with torch.no_grad():
+        assert dense_padded_channels(autoencoder, lambda: autoencoder.encode(images)) == 512 + 896
+        assert dense_padded_channels(autoencoder, lambda: FastAutoEncoder(autoencoder).encode(images)) == 224 + 320
+
+
+def test_fast_encoder_refuses_other_paddings():
+    """Padding each piece once needs one padding for every convolution of a block: say so otherwise."""
+    autoencoder = AutoEncoder()
+    autoencoder.fea_encoder1.dense_blocks[0].dense_conv1.pad = ReflectionPad(2)
+    with pytest.raises(ValueError, match="pad by one pixel"):
+        FastAutoEncoder(autoencoder)
+
+
+def test_fast_autoencoder_gradients_are_the_reference_ones():
+    """Stage 1 through ``FastAutoEncoder`` reaches the autoencoder's own parameters with the
+    reference's gradients (fp64: the padding's gradient is summed in another order)."""
+    torch.manual_seed(3)
+    autoencoder = AutoEncoder().double().train()
+    images = torch.rand(2, 1, 24, 40, dtype=torch.float64) * 255
+    parameters = list(autoencoder.parameters())
+    want = torch.autograd.grad(autoencoder(images).square().mean(), parameters)
+    got = torch.autograd.grad(FastAutoEncoder(autoencoder)(images).square().mean(), parameters)
+    scale = max(g.abs().max().item() for g in want)
+    assert max((a - b).abs().max().item() for a, b in zip(got, want)) <= 1e-12 * scale

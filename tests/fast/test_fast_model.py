@@ -1,0 +1,33 @@
+"""``crossfuse_fast.fast.model``: the whole model on the fast path, and the weights it derives."""
+import copy
+
+import torch
+
+from crossfuse_fast import CrossFuse, fuse
+from crossfuse_fast.fast import FastCrossFuse
+
+
+def test_model_made_in_inference_mode(model):
+    """Parameters made under ``torch.inference_mode`` keep no version counter (reading one raised
+    before): the fast path then derives its box values and folded weights on every call, so a
+    write into such a weight still shows."""
+    exact = copy.deepcopy(model).double()  # float64: fp32 results can stray (README, Numerics)
+    with torch.inference_mode():
+        inference_model = CrossFuse().double().eval()
+        inference_model.load_state_dict(exact.state_dict())
+    generator = torch.Generator().manual_seed(22)
+    ir, vis = (torch.rand(1, 1, 40, 48, generator=generator, dtype=torch.float64) * 255 for _ in range(2))
+    reference = fuse(ir, vis, model=exact)
+    assert (fuse(ir, vis, model=inference_model, backend="fast") - reference).abs().max().item() < 1e-9
+    network = FastCrossFuse(inference_model, "torch")
+    decoder = inference_model.fusion.decoder_fusion
+    with torch.inference_mode():
+        before = network(ir, vis)
+        decoder.conv_block[0].conv2d[1].running_var[3].mul_(4)
+        folded_changed = network(ir, vis)
+        assert (folded_changed - inference_model(ir, vis)).abs().max().item() < 1e-9
+        decoder.weight.conv_sh.weight[0, 0, 0, 0] += 1.0
+        box_changed = network(ir, vis)
+        assert (box_changed - inference_model(ir, vis)).abs().max().item() < 1e-9  # the reference decoder
+    assert (folded_changed - before).abs().max().item() > 1
+    assert (box_changed - folded_changed).abs().max().item() > 1
