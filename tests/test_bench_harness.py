@@ -7,7 +7,7 @@ import torch
 from bench.__main__ import PROVIDERS, measure_case
 from bench.cases import Case, build_cases
 from bench.flops import attention_flops, conv2d_flops, count_forward, linear_flops
-from bench.report import append_rows, read_rows, write_report
+from bench.report import README_MARKERS, append_rows, read_rows, write_report
 from bench.timing import Timer
 from crossfuse_fast import CrossFuse
 from crossfuse_fast.reference.transformer import SelfAttention
@@ -66,8 +66,8 @@ def _run(run_id, date, machine="Test CPU x2"):
             "mode": "quick", "ceilings": {"matmul_float32_flops": 100e9, "copy_bytes_per_s": 10e9}}
 
 
-def _result(run_id, provider, median):
-    return {"kind": "result", "run_id": run_id, "case": "fuse 256x256 b1", "group": "fuse end to end",
+def _result(run_id, provider, median, case="fuse 256x256 b1"):
+    return {"kind": "result", "run_id": run_id, "case": case, "group": "fuse end to end",
             "provider": provider, "dtype": "float32", "median_s": median, "p10_s": median * 0.9,
             "p90_s": median * 1.1, "samples": 3, "inner": 1, "first_call_s": median, "flops": 20e9,
             "min_bytes": 1e9, "peak_memory_bytes": 2 ** 30}
@@ -90,6 +90,34 @@ def test_report_tables_ratios_floors_and_plot(tmp_path):
     assert [p.name for p in plots] == ["results-test-cpu-x2-cpu.png"]
     assert plots[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert text.count("![time per provider and case") == 1
+
+
+def test_headline_is_regenerated_into_the_readme(tmp_path):
+    """Per machine and case the headline takes the newest run that timed the fast path (a newer run
+    of the reference alone does not replace it), every figure of a row from that run; the README's
+    block between the markers is rewritten and the rest of the README kept."""
+    results = tmp_path / "results.jsonl"
+    append_rows(results, [_run("fast", "2026-01-01T00:00:00+00:00"), _result("fast", "eager", 0.6),
+                          _result("fast", "fast-torch", 0.4), _run("newer", "2026-02-01T00:00:00+00:00"),
+                          _result("newer", "eager", 0.5), _result("newer", "compile", 0.3),
+                          _result("newer", "eager", 2.0, case="train stage 1 256x256 b2"),
+                          _result("newer", "eager", 1.0, case="attention w6")])
+    readme = tmp_path / "README.md"
+    begin, end = README_MARKERS
+    readme.write_text(f"# title\n\n{begin}\nstale table\n{end}\n\nrest\n")
+    write_report(results, tmp_path / "RESULTS.md", plot=False, readme_path=readme)
+    text = readme.read_text()
+    assert text.startswith(f"# title\n\n{begin}\n| machine |") and text.endswith(f"{end}\n\nrest\n")
+    assert "stale table" not in text and "attention w6" not in text
+    assert ("| Test CPU x2 (cpu) | fuse 256x256 b1 | float32 | 600.00 ms | - | 400.00 ms | 1.50x | 2026-01-01, abc1234 |"
+            in text)
+    assert ("| Test CPU x2 (cpu) | train stage 1 256x256 b2 | float32 | 2.00 s | - | not measured | - | "
+            "2026-02-01, abc1234 |" in text)
+    assert text.index("fuse 256x256 b1") < text.index("train stage 1")
+    assert "## Headline" in (tmp_path / "RESULTS.md").read_text()
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs one"):
+        write_report(results, tmp_path / "RESULTS.md", plot=False, readme_path=readme)
 
 
 def test_measure_case_interleaves_and_records_every_field():
