@@ -20,8 +20,8 @@ from .data import IMAGE_SUFFIXES, ImageFolder, PairedFolders, SyntheticPairs
 from .reference import AutoEncoder
 
 
-BACKEND_HELP = ("reference: the reference model; fast: the same weights on the fast path (needs Triton; "
-                "the Triton kernels on a GPU, their PyTorch twins on a CPU), the same result up to rounding")
+BACKEND_HELP = ("reference: the reference model; fast: the same weights on the fast path (needs Triton; its fused "
+                "ops run as Triton kernels on a GPU, as their PyTorch twins on a CPU), the same result up to rounding")
 
 
 def _load_model(args: argparse.Namespace):
