@@ -7,7 +7,7 @@ usual on CPU tensors (whose contents then mean nothing), so each kernel compiles
 the arguments, specialisations and tiles the model gives it. :func:`resource_usage` reads the
 registers, the stack (register spills) and the shared memory from the cubin.
 
-    python -m crossfuse_fast.kernels.compile_inspector         # every kernel of the fast encoder, fwd and bwd
+    python -m crossfuse_fast.kernels.compile_inspector         # the fast encoder's kernels, fwd and bwd, and the conv
     python -m crossfuse_fast.kernels.compile_inspector --json  # the same rows as JSON (the compile tests)
     python -m bench.attention_tiles --registers                # registers and spills of each swept tile
 
@@ -139,6 +139,27 @@ def fast_encoder_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resou
     return rows
 
 
+CONV_LAYERS = ((1, 32, 3), (64, 64, 3), (32, 1, 1))
+"""(in, out, kernel) of convolutions that give the distinct tiles of the model's layers: the first
+conv, the dense blocks and decoders (64 or more channels each way), the last 1 x 1 conv."""
+
+
+def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
+    """The implicit-GEMM convolution compiled at the model's tile shapes, on channels_last maps."""
+    from .implicit_gemm_conv import conv2d_fwd
+
+    rows = []
+    for dtype in dtypes:
+        for in_channels, out_channels, kernel in CONV_LAYERS:
+            x = torch.randn(1, in_channels, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            weight = torch.randn(out_channels, in_channels, kernel, kernel, dtype=dtype)
+            out = torch.empty(1, out_channels, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with compile_only() as launches:
+                conv2d_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out, padding_mode="reflect")
+            rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
+    return rows
+
+
 def print_table(rows: list[Resources]) -> None:
     print(f"{'kernel':34} {'dtype':9} {'regs':>5} {'stack':>6} {'shared':>7} tensor cores")
     for row in rows:
@@ -150,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-    rows = fast_encoder_resources()
+    rows = fast_encoder_resources() + conv_resources()
     if args.json:
         print(json.dumps([asdict(row) for row in rows]))
     else:

@@ -33,8 +33,9 @@ def direct_call(*args) -> bool:
 
 
 class FusedOp:
-    """``crossfuse::<name>``: ``impl`` registered as a custom op (no argument mutated) with ``fake``
-    and, when ``backward`` is given, its autograd formula.
+    """``crossfuse::<name>``: ``impl`` registered as a custom op with ``fake`` and, when ``backward`` is
+    given, its autograd formula. ``mutates_args`` names the arguments ``impl`` writes into (none,
+    unless given).
 
     ``impl`` must be annotated (the op's schema comes from its annotations). ``fake(*args)``
     returns empty outputs of the right shapes; ``setup_context(ctx, inputs, output)`` saves what
@@ -44,9 +45,9 @@ class FusedOp:
     """
 
     def __init__(self, name: str, impl: Callable, fake: Callable, *, backward: Callable | None = None,
-                 setup_context: Callable | None = None):
+                 setup_context: Callable | None = None, mutates_args: tuple[str, ...] = ()):
         self.impl = impl
-        self.op = torch.library.custom_op(f"crossfuse::{name}", impl, mutates_args=())
+        self.op = torch.library.custom_op(f"crossfuse::{name}", impl, mutates_args=mutates_args)
         self.op.register_fake(fake)
         if backward is not None:
             self.op.register_autograd(backward, setup_context=setup_context)

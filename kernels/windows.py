@@ -9,7 +9,7 @@ the kernels at the two ends of the cross encoder compute that pixel's address
 (:func:`window_token_offsets`) and read or write the map itself: no padded copy, no window
 copy, no patch copy in between.
 
-Reading mirrors coordinates past the map's edge (:func:`_mirror`, the repeated reflection of
+Reading mirrors coordinates past the map's edge (:func:`mirror_index`, the repeated reflection of
 ``reference.functional.reflect_pad_extended``, so maps of any size work). Writing leaves the
 padding out, which crops. A backward that writes a gradient into the map does so into the
 padded map (every pixel written once) and :func:`fold_reflection_padding` adds the margins back
@@ -92,8 +92,9 @@ class WindowGrid:
 
 
 @triton.jit
-def _mirror(index, size):
-    """Reflection about the map's edges, repeated for pads longer than the map (period 2 (n - 1))."""
+def mirror_index(index, size):
+    """Reflection of ``index >= 0`` about the edges of a side of ``size``, repeated for pads longer than
+    the side (period 2 (n - 1)); a side of one pixel repeats it."""
     period = tl.maximum(2 * (size - 1), 1)
     index = index % period
     return tl.where(index >= size, period - index, index)
@@ -120,8 +121,8 @@ def window_token_offsets(row, features, stride_b, stride_c, stride_h, stride_w, 
     y = top + (features // PATCH) % PATCH
     x = left + features % PATCH
     if MIRROR:
-        y = _mirror(y, height)
-        x = _mirror(x, width)
+        y = mirror_index(y, height)
+        x = mirror_index(x, width)
     inside = (y < height) & (x < width)
     return image * stride_b + channel * stride_c + y * stride_h + x * stride_w, inside
 
