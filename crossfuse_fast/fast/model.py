@@ -44,8 +44,8 @@ class FastCrossFuse(nn.Module):
         super().__init__()
         # No reference to ``model`` itself, only to its parts: ``fuse`` caches this network in a
         # weak dictionary keyed by the model, which a value holding the key would keep alive.
-        self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder, channels_last)
-        self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder, channels_last)
+        self.ir_autoencoder = FastAutoEncoder(model.ir_autoencoder, channels_last, kernel_backend)
+        self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder, channels_last, kernel_backend)
         self.fusion = FastFusionNet(model.fusion, kernel_backend)
 
     def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
