@@ -145,8 +145,9 @@ conv, the dense blocks and decoders (64 or more channels each way), the last 1 x
 
 
 def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
-    """The implicit-GEMM convolution compiled at the model's tile shapes, on channels_last maps."""
-    from .implicit_gemm_conv import conv2d_fwd
+    """The implicit-GEMM convolution, forward and backward, compiled at the model's tile shapes, on
+    channels_last maps."""
+    from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd
 
     rows = []
     for dtype in dtypes:
@@ -156,6 +157,7 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
             out = torch.empty(1, out_channels, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
             with compile_only() as launches:
                 conv2d_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out, padding_mode="reflect")
+                conv2d_bwd(out, x, weight, padding_mode="reflect")
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
     return rows
 

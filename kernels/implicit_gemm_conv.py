@@ -14,9 +14,11 @@ slice of one (:func:`conv2d_into`): a dense block can live in one buffer that ea
 appends to. fp32 dots use ``input_precision="ieee"`` (or TF32 when asked), 16-bit ones tensor
 cores with fp32 accumulation. Design limit: odd square kernels, any channel counts and map sizes.
 
-The backward (input, weight and bias gradients) runs in PyTorch inside one registered op for now
-(the convolution's gradients on a padded copy, the padding's folded back); Triton backward kernels
-are the next step (docs/fast-path.md#not-fused-yet).
+The backward, for 1 x 1 and 3 x 3 kernels: the input gradient is a second implicit GEMM over
+output channels and taps, in which each pixel also collects the padded positions that read it
+(the reflection's or replication's gradient folded by address, no padded buffer); the weight
+gradient a GEMM per tap over the pixels, split into chunks whose fp32 partial sums are added
+afterwards (deterministic, no atomics); the bias gradient a channel sum.
 """
 from __future__ import annotations
 
@@ -83,6 +85,99 @@ def _conv2d_fwd_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _conv2d_bwd_input_kernel(
+    DY, W, DX, pixels, height, width, in_channels, out_channels,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw, stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    KERNEL: tl.constexpr, PADDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """A tile of input pixels by input channels. A pixel's gradient collects every padded position
+    that reads it: itself and, for a one-pixel pad, the positions -1 and ``size`` of its row and
+    column where the padding maps them onto it (checked per tile, skipped where none does)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < pixels
+    column = offs_m % width
+    row = (offs_m // width) % height
+    image = offs_m // (width * height)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < in_channels
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Per side, the positions that may read a pixel: itself, and for a 3 x 3 kernel (one-pixel pad)
+    # the ones before and after the side: KERNEL of them.
+    for source in range(KERNEL * KERNEL):
+        padded_row = _padded_position(row, height, source // KERNEL)
+        padded_column = _padded_position(column, width, source % KERNEL)
+        reads_here = (mask_m & (_source_index(padded_row, height, PADDING) == row)
+                      & (_source_index(padded_column, width, PADDING) == column))
+        if tl.max(reads_here.to(tl.int32), 0) > 0:
+            for tap in tl.static_range(KERNEL * KERNEL):
+                out_row = padded_row - tap // KERNEL + KERNEL // 2
+                out_column = padded_column - tap % KERNEL + KERNEL // 2
+                valid = reads_here & (out_row >= 0) & (out_row < height) & (out_column >= 0) & (out_column < width)
+                dy_pixel = image * stride_dyn + out_row * stride_dyh + out_column * stride_dyw
+                w_tap = (tap // KERNEL) * stride_wh + (tap % KERNEL) * stride_ww
+                for start in range(0, out_channels, BLOCK_K):
+                    channels = start + offs_k
+                    mask_k = channels < out_channels
+                    dy = tl.load(DY + dy_pixel[:, None] + channels[None, :] * stride_dyc,
+                                 mask=valid[:, None] & mask_k[None, :], other=0.0)
+                    w = tl.load(W + w_tap + channels[:, None] * stride_wo + offs_n[None, :] * stride_wi,
+                                mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                    acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+    dx_pixel = image * stride_dxn + row * stride_dxh + column * stride_dxw
+    tl.store(DX + dx_pixel[:, None] + offs_n[None, :] * stride_dxc, acc.to(DX.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _padded_position(index, size, which):
+    """``which`` 0: the pixel itself; 1: the padded position before the side; 2: the one after it."""
+    return tl.where(which == 0, index, tl.where(which == 1, -1, size))
+
+
+@triton.jit
+def _conv2d_bwd_weight_kernel(
+    X, DY, PARTIAL, pixels, pixels_per_split, height, width, in_channels, out_channels,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    KERNEL: tl.constexpr, PADDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_CI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One tap's ``BLOCK_CO x BLOCK_CI`` tile of ``dW = dY^T x_tap`` over one split of the pixels,
+    written to ``PARTIAL[split, tap]`` (the splits are summed afterwards: no atomics, so the
+    result does not depend on scheduling)."""
+    pid_co = tl.program_id(0)
+    pid_ci = tl.program_id(1)
+    tap = tl.program_id(2) % (KERNEL * KERNEL)
+    split = tl.program_id(2) // (KERNEL * KERNEL)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    mask_co = offs_co < out_channels
+    mask_ci = offs_ci < in_channels
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    end = tl.minimum((split + 1) * pixels_per_split, pixels)
+    for start in range(split * pixels_per_split, end, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        column = offs_m % width
+        row = (offs_m // width) % height
+        image = offs_m // (width * height)
+        dy = tl.load(DY + (image * stride_dyn + row * stride_dyh + column * stride_dyw)[:, None]
+                     + offs_co[None, :] * stride_dyc, mask=mask_m[:, None] & mask_co[None, :], other=0.0)
+        source_row = _source_index(row + tap // KERNEL - KERNEL // 2, height, PADDING)
+        source_column = _source_index(column + tap % KERNEL - KERNEL // 2, width, PADDING)
+        x = tl.load(X + (image * stride_xn + source_row * stride_xh + source_column * stride_xw)[:, None]
+                    + offs_ci[None, :] * stride_xc, mask=mask_m[:, None] & mask_ci[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+    partial = PARTIAL + (split * KERNEL * KERNEL + tap) * out_channels * in_channels
+    tl.store(partial + offs_co[:, None] * in_channels + offs_ci[None, :], acc,
+             mask=mask_co[:, None] & mask_ci[None, :])
+
+
 @dataclass(frozen=True)
 class ConvTiles:
     """Launch shape: output pixels and channels per tile, input channels per step, warps, stages."""
@@ -99,6 +194,14 @@ def conv_tiles(in_channels: int, out_channels: int) -> ConvTiles:
     up to 32 input channels a step; at least 16 each way, as ``tl.dot`` needs. Not yet timed on a GPU."""
     return ConvTiles(64, min(64, max(16, triton.next_power_of_2(out_channels))),
                      min(32, max(16, triton.next_power_of_2(in_channels))))
+
+
+def conv_input_gradient_tiles(out_channels: int, in_channels: int, dtype: torch.dtype) -> ConvTiles:
+    """The input gradient's tiles: as :func:`conv_tiles` with the channels' roles swapped, and one
+    stage in fp32, where two spill registers when compiled for sm_90 (the compile inspector shows
+    them; bench/NOTES.md has the tiles tried)."""
+    tiles = conv_tiles(out_channels, in_channels)
+    return ConvTiles(tiles.block_m, tiles.block_n, tiles.block_k, 4, 1 if dtype == torch.float32 else 2)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, padding_mode: str) -> None:
@@ -140,6 +243,50 @@ def conv2d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, p
     return out
 
 
+WEIGHT_GRADIENT_PROGRAMS = 512
+"""About how many programs the weight gradient launches (each tap and channel tile's pixels are
+split until there are): enough to fill a GPU, with partial sums of bounded size."""
+
+
+def conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, *, padding_mode: str, tf32: bool = False,
+               tiles: ConvTiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d_fwd` for its output gradient ``grad_y``
+    (any strides): ``grad_x`` in channels_last, the padding's gradient added onto the pixels it
+    reads, computed by address; ``grad_bias`` is the per-channel sum whether or not there is a
+    bias. Design limit: 1 x 1 and 3 x 3 kernels."""
+    _check(x, weight, None, padding_mode)
+    batch, in_channels, height, width = x.shape
+    out_channels, kernel = weight.shape[0], weight.shape[2]
+    if kernel not in (1, 3):
+        raise ValueError(f"the convolution's backward takes 1 x 1 and 3 x 3 kernels, got {kernel} x {kernel}")
+    if grad_y.shape != (batch, out_channels, height, width):
+        raise ValueError(f"grad_y must be [{batch}, {out_channels}, {height}, {width}], got {tuple(grad_y.shape)}")
+    pixels = batch * height * width
+    precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
+    options = dict(KERNEL=kernel, PADDING=PADDING_MODES.index(padding_mode), INPUT_PRECISION=precision,
+                   **COMPILER_OPTIONS)
+    input_tiles = tiles or conv_input_gradient_tiles(out_channels, in_channels, x.dtype)
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+    _conv2d_bwd_input_kernel[(triton.cdiv(pixels, input_tiles.block_m), triton.cdiv(in_channels, input_tiles.block_n))](
+        grad_y, weight, grad_x, pixels, height, width, in_channels, out_channels, *grad_y.stride(), *weight.stride(),
+        *grad_x.stride(), BLOCK_M=input_tiles.block_m, BLOCK_N=input_tiles.block_n, BLOCK_K=input_tiles.block_k,
+        num_warps=input_tiles.num_warps, num_stages=input_tiles.num_stages, **options)
+    block_co = min(64, max(16, triton.next_power_of_2(out_channels)))
+    block_ci = min(64, max(16, triton.next_power_of_2(in_channels)))
+    block_m = 32
+    channel_programs = kernel * kernel * triton.cdiv(out_channels, block_co) * triton.cdiv(in_channels, block_ci)
+    splits = max(1, min(triton.cdiv(pixels, block_m), WEIGHT_GRADIENT_PROGRAMS // channel_programs))
+    pixels_per_split = triton.cdiv(triton.cdiv(pixels, splits), block_m) * block_m
+    splits = triton.cdiv(pixels, pixels_per_split)
+    partial = torch.empty(splits, kernel * kernel, out_channels, in_channels, device=x.device, dtype=torch.float32)
+    _conv2d_bwd_weight_kernel[(triton.cdiv(out_channels, block_co), triton.cdiv(in_channels, block_ci),
+                               splits * kernel * kernel)](
+        x, grad_y, partial, pixels, pixels_per_split, height, width, in_channels, out_channels, *x.stride(),
+        *grad_y.stride(), BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, **options)
+    grad_weight = partial.sum(0).view(kernel, kernel, out_channels, in_channels).permute(2, 3, 0, 1)
+    return grad_x, grad_weight.to(weight.dtype).contiguous(), grad_y.sum((0, 2, 3), dtype=torch.float32).to(x.dtype)
+
+
 def _new_output(x: Tensor, weight: Tensor) -> Tensor:
     batch, _, height, width = x.shape
     return torch.empty(batch, weight.shape[0], height, width, device=x.device, dtype=x.dtype,
@@ -148,35 +295,14 @@ def _new_output(x: Tensor, weight: Tensor) -> Tensor:
 
 # ---- registered ops ----------------------------------------------------------------------------
 
-def padding_sources(size: int, pad: int, padding_mode: str, device: torch.device) -> Tensor:
-    """For each position of a side of ``size`` padded by ``pad`` on both ends, the pixel it reads."""
-    index = torch.arange(-pad, size + pad, device=device)
-    if padding_mode == "replicate":
-        return index.clamp(0, size - 1)
-    period = max(2 * (size - 1), 1)
-    index = index.abs() % period
-    return torch.where(index >= size, period - index, index)
-
-
 def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, padding_mode: str,
                           tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, grad_weight, grad_bias)`` in PyTorch: the convolution's gradients on the padded map,
-    the padding's gradient added back onto the pixels each position reads; ``grad_bias`` is the
-    per-channel sum whether or not there is a bias."""
-    pad = weight.shape[-1] // 2
-    height, width = x.shape[-2:]
-    rows = padding_sources(height, pad, padding_mode, x.device)
-    columns = padding_sources(width, pad, padding_mode, x.device)
-    padded = x.index_select(2, rows).index_select(3, columns)
-    grad_padded = torch.nn.grad.conv2d_input(padded.shape, weight, grad_y)
-    grad_weight = torch.nn.grad.conv2d_weight(padded, weight.shape, grad_y)
-    grad_rows = grad_padded.new_zeros(*x.shape[:2], height, grad_padded.shape[3]).index_add_(2, rows, grad_padded)
-    grad_x = torch.zeros_like(x).index_add_(3, columns, grad_rows)
-    return grad_x, grad_weight, grad_y.sum((0, 2, 3))
+    return conv2d_bwd(grad_y, x, weight, padding_mode=padding_mode, tf32=tf32)
 
 
 def _conv2d_backward_fake(grad_y, x, weight, padding_mode, tf32):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    return (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0]))
 
 
 _conv2d_backward = FusedOp("conv2d_backward", _conv2d_backward_impl, _conv2d_backward_fake)
