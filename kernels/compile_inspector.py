@@ -145,9 +145,10 @@ conv, the dense blocks and decoders (64 or more channels each way), the last 1 x
 
 
 def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
-    """The implicit-GEMM convolution, forward and backward, compiled at the model's tile shapes, on
-    channels_last maps."""
+    """The implicit-GEMM convolution, forward and backward, and the upsampled convolution, compiled at
+    the model's tile shapes, on channels_last maps."""
     from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd
+    from .upsample_fold import upsampled_conv_fwd
 
     rows = []
     for dtype in dtypes:
@@ -158,6 +159,9 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
             with compile_only() as launches:
                 conv2d_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out, padding_mode="reflect")
                 conv2d_bwd(out, x, weight, padding_mode="reflect")
+                if kernel == 3:
+                    upsampled_conv_fwd(x, torch.randn(4 * out_channels, in_channels, 2, 2, dtype=dtype),
+                                       torch.zeros(out_channels, dtype=dtype))
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
     return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..backends import DEFAULT_KERNEL_BACKEND
 from ..reference.functional import match_size, minmax_to_255
 from ..reference.fusion import FusionDecoder
 from .box_filter import box_mean_of_channel_sum, uniform_box_values
@@ -19,10 +20,12 @@ class FastFusionDecoder(nn.Module):
 
     The box algebra holds when each box filter's weights are all one value (as released and as
     ``box_filter`` makes them) and it has no bias; otherwise the reference decoder runs as it is.
-    Both are checked when the decoder is made and again only when a weight changes.
+    Both are checked when the decoder is made and again only when a weight changes. Its
+    convolutions run on the Triton kernels in inference where ``kernel_backend`` resolves to
+    ``"triton"`` (:class:`.folded_conv.FoldedConvLayer`).
     """
 
-    def __init__(self, reference: FusionDecoder):
+    def __init__(self, reference: FusionDecoder, kernel_backend: str = DEFAULT_KERNEL_BACKEND):
         super().__init__()
         self.reference = reference
         convs = (reference.weight.conv_de, reference.weight.conv_sh)
@@ -30,8 +33,8 @@ class FastFusionDecoder(nn.Module):
         self._box_values = Derived(lambda: tuple(t for conv in convs for t in (conv.weight, conv.bias)),
                                    lambda: uniform_box_values(reference))
         self._box_values.get()
-        self._upsample_steps = folded_steps([reference.conv1, reference.up, *reference.conv_block])
-        self._conv_last = FoldedConvLayer(reference.conv_last)
+        self._upsample_steps = folded_steps([reference.conv1, reference.up, *reference.conv_block], kernel_backend)
+        self._conv_last = FoldedConvLayer(reference.conv_last, kernel_backend=kernel_backend)
 
     def forward(self, fused: Tensor, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor,
                 vis_shallow: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """A decoder ``ConvLayer`` with its BatchNorm folded into the convolution in inference, and the
-upsampling before it folded in too (docs/fast-path.md#batchnorms-folded-into-the-convolutions)."""
+nearest 2x upsampling before it folded in too (docs/fast-path.md#batchnorms-folded-into-the-convolutions,
+docs/fast-path.md#upsamplings-folded-into-the-convolutions)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,9 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
+from ..backends import DEFAULT_KERNEL_BACKEND, check_kernel_backend, resolve_kernel_backend
+from ..kernels.upsample_fold import phase_kernels, upsampled_conv_torch
 from ..reference.autoencoder import ConvLayer
 from .cache import Derived
-from .upsample_fold import is_nearest_2x, phase_kernels, upsampled_conv
+
+
+def is_nearest_2x(module: nn.Module) -> bool:
+    """Whether ``module`` is a nearest-neighbour upsampling by 2 (what a folded layer takes in)."""
+    return (isinstance(module, nn.Upsample) and module.mode == "nearest" and module.size is None
+            and module.scale_factor in (2, 2.0, (2, 2), (2.0, 2.0)))
 
 
 class FoldedConvLayer:
@@ -19,21 +28,25 @@ class FoldedConvLayer:
 
     ``bn(conv(x)) = conv(x; w * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``
     while the norm uses its running statistics (eval mode, no gradient): the same function up to
-    rounding. ``upsampled`` (a 3 x 3 layer padding one pixel) computes the convolution by
-    :func:`.upsample_fold.upsampled_conv`. Calls in training mode or with gradients enabled use the
-    layer's own parameters and norm, so gradients reach them as they are. The folded weights are
+    rounding. ``upsampled`` (a 3 x 3 layer padding one pixel) computes the convolution as four
+    phase convolutions (:mod:`crossfuse_fast.kernels.upsample_fold`). In inference, where
+    ``kernel_backend`` resolves to ``"triton"``, the Triton kernels run it (padding by address);
+    elsewhere PyTorch does. Calls in training mode or with gradients enabled use the layer's own
+    parameters and norm (in PyTorch), so gradients reach them as they are. The folded weights are
     made again only when one they come from changes (:class:`.cache.Derived`).
     """
 
-    def __init__(self, layer: ConvLayer, upsampled: bool = False):
+    def __init__(self, layer: ConvLayer, upsampled: bool = False, kernel_backend: str = DEFAULT_KERNEL_BACKEND):
         conv, norm = layer.conv2d
         if not (isinstance(norm, nn.BatchNorm2d) and norm.affine and norm.track_running_stats):
             raise ValueError("FoldedConvLayer folds a BatchNorm2d with affine weights and running statistics")
         if upsampled and not (conv.kernel_size == (3, 3) and layer.pad.padding == 1 and conv.stride == (1, 1)
                               and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)):
             raise ValueError("FoldedConvLayer(upsampled=True) takes a 3 x 3 layer padding one pixel")
+        check_kernel_backend(kernel_backend)
         self.layer = layer
         self.upsampled = upsampled
+        self.kernel_backend = kernel_backend
         self._weights = Derived(lambda: (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
                                          norm.running_var), self._inference_weights)
 
@@ -52,15 +65,18 @@ class FoldedConvLayer:
         conv, norm = self.layer.conv2d
         if norm.training or torch.is_grad_enabled():
             if self.upsampled:
-                return norm(upsampled_conv(x, phase_kernels(conv.weight), conv.bias))
+                return norm(upsampled_conv_torch(x, phase_kernels(conv.weight), conv.bias))
             return self.layer(x)
         weight, bias = self._weights.get()
+        if resolve_kernel_backend(self.kernel_backend, x.device) == "triton":
+            return (kernels.upsampled_conv if self.upsampled else kernels.conv2d)(x, weight, bias)
         if self.upsampled:
-            return upsampled_conv(x, weight, bias)
+            return upsampled_conv_torch(x, weight, bias)
         return F.conv2d(self.layer.pad(x), weight, bias)
 
 
-def folded_steps(modules: list[nn.Module]) -> list[Callable[[Tensor], Tensor]]:
+def folded_steps(modules: list[nn.Module],
+                 kernel_backend: str = DEFAULT_KERNEL_BACKEND) -> list[Callable[[Tensor], Tensor]]:
     """``modules`` run one after the other, with each ConvLayer as a :class:`FoldedConvLayer` and a
     nearest 2x upsampling before a 3 x 3 one folded into it."""
     steps: list[Callable[[Tensor], Tensor]] = []
@@ -69,7 +85,7 @@ def folded_steps(modules: list[nn.Module]) -> list[Callable[[Tensor], Tensor]]:
             upsampled = bool(steps) and is_nearest_2x(steps[-1]) and module.conv2d[0].kernel_size == (3, 3)
             if upsampled:
                 steps.pop()
-            steps.append(FoldedConvLayer(module, upsampled))
+            steps.append(FoldedConvLayer(module, upsampled, kernel_backend))
         else:
             steps.append(module)
     return steps

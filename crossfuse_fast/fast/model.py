@@ -20,7 +20,7 @@ class FastFusionNet(nn.Module):
     def __init__(self, reference: FusionNet, kernel_backend: str = DEFAULT_KERNEL_BACKEND):
         super().__init__()
         self.encoder = FastCrossEncoder(reference.cross_atten_block, kernel_backend)
-        self.decoder = FastFusionDecoder(reference.decoder_fusion)
+        self.decoder = FastFusionDecoder(reference.decoder_fusion, kernel_backend)
 
     def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
                 shift: bool = True) -> Tensor:
