@@ -166,6 +166,21 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
     return rows
 
 
+def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
+    """The fusion decoder's weighted sums (deep: 128 channels, shallow: 32), on channels_last maps."""
+    from .source_weighting import weighted_sum_fwd
+
+    rows = []
+    for dtype in dtypes:
+        for channels, deep in ((128, True), (32, False)):
+            maps = [torch.randn(1, channels, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                    for _ in range(3)]
+            with compile_only() as launches:
+                weighted_sum_fwd(*maps, 1.0, deep=deep)
+            rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
+    return rows
+
+
 def print_table(rows: list[Resources]) -> None:
     print(f"{'kernel':34} {'dtype':9} {'regs':>5} {'stack':>6} {'shared':>7} tensor cores")
     for row in rows:
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
-    rows = fast_encoder_resources() + conv_resources()
+    rows = fast_encoder_resources() + conv_resources() + weighting_resources()
     if args.json:
         print(json.dumps([asdict(row) for row in rows]))
     else:

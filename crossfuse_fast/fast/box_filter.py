@@ -1,9 +1,9 @@
-"""The fusion decoder's fixed 3 x 3 box filters as what they are: a channel sum and a one-channel
-box mean (docs/fast-path.md#the-decoders-box-filters-as-their-algebra)."""
+"""Whether the fusion decoder's fixed 3 x 3 box filters are what the algebra needs: uniform weights,
+no bias (docs/fast-path.md#the-decoders-box-filters-as-their-algebra). The weighted sums that use
+the algebra are :mod:`crossfuse_fast.kernels.source_weighting`."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..reference.fusion import FusionDecoder
 
@@ -26,11 +26,3 @@ def _uniform_value(conv: nn.Conv2d) -> float | None:
     if not shape_ok or not bool((weight == weight.flatten()[0]).all()):
         return None
     return weight.flatten()[0].item()
-
-
-def box_mean_of_channel_sum(x: Tensor) -> Tensor:
-    """``[B, 1, H, W]``: the 3 x 3 mean (zero padding, always over 9) of ``x`` summed over its channels.
-
-    A box filter whose weights are all ``w`` gives every output channel ``9 w`` times this.
-    """
-    return F.avg_pool2d(x.sum(1, keepdim=True), 3, stride=1, padding=1, count_include_pad=True)

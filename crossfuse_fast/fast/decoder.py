@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..backends import DEFAULT_KERNEL_BACKEND
+from .. import kernels
+from ..backends import DEFAULT_KERNEL_BACKEND, resolve_kernel_backend
 from ..reference.functional import match_size, minmax_to_255
 from ..reference.fusion import FusionDecoder
-from .box_filter import box_mean_of_channel_sum, uniform_box_values
+from .box_filter import uniform_box_values
 from .cache import Derived
 from .folded_conv import FoldedConvLayer, folded_steps
 
@@ -28,6 +29,7 @@ class FastFusionDecoder(nn.Module):
     def __init__(self, reference: FusionDecoder, kernel_backend: str = DEFAULT_KERNEL_BACKEND):
         super().__init__()
         self.reference = reference
+        self.kernel_backend = kernel_backend
         convs = (reference.weight.conv_de, reference.weight.conv_sh)
         # Checked here, before any work is queued: reading the weights' values waits for a GPU.
         self._box_values = Derived(lambda: tuple(t for conv in convs for t in (conv.weight, conv.bias)),
@@ -38,30 +40,20 @@ class FastFusionDecoder(nn.Module):
 
     def forward(self, fused: Tensor, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor,
                 vis_shallow: Tensor) -> Tensor:
-        """``FusionDecoder.forward``, with ``conv_de`` and ``conv_sh`` computed by
-        :func:`.box_filter.box_mean_of_channel_sum`."""
+        """``FusionDecoder.forward``, with ``conv_de`` and ``conv_sh`` computed by their algebra in the
+        weighted sums of :mod:`crossfuse_fast.kernels.source_weighting` (the Triton kernels where the
+        kernel backend resolves to them and no source needs a gradient, the twins elsewhere)."""
         box_values = self._box_values.get()
         if box_values is None:
             return self.reference(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
         deep_scale, shallow_scale = (9.0 * value for value in box_values)
-        with torch.no_grad():  # as the reference's weights: no gradient through them
-            g_ir = deep_scale * box_mean_of_channel_sum(ir_deep)
-            g_vis = deep_scale * box_mean_of_channel_sum(vis_deep)
-            total = g_ir + g_vis + 1e-6
-            w_ir, w_vis = g_ir / total, g_vis / total
-        y = self.upsample(fused + w_ir * ir_deep + w_vis * vis_deep, ir_shallow.shape[-2], ir_shallow.shape[-1])
-        sources_need_grad = torch.is_grad_enabled() and (ir_shallow.requires_grad or vis_shallow.requires_grad)
-        with torch.no_grad():
-            s_ir = torch.sub(ir_shallow, box_mean_of_channel_sum(ir_shallow), alpha=shallow_scale).abs_()
-            s_vis = torch.sub(vis_shallow, box_mean_of_channel_sum(vis_shallow), alpha=shallow_scale).abs_()
-            total = torch.add(s_ir, s_vis).add_(1e-6)
-            if not sources_need_grad:
-                # The same sum as below, (0.5 s_ir ir + s_vis vis) / total, in place: fewer
-                # full-resolution passes where no gradient reaches the shallow maps.
-                skip = s_ir.mul_(ir_shallow).mul_(0.5).addcmul_(s_vis, vis_shallow).div_(total)
-        if sources_need_grad:
-            skip = 0.5 * (s_ir / total) * ir_shallow + (s_vis / total) * vis_shallow
-        return self.output(y + skip)  # the 0.5 on infrared alone, as released
+        sources = (ir_deep, vis_deep, ir_shallow, vis_shallow)
+        on_triton = (resolve_kernel_backend(self.kernel_backend, fused.device) == "triton"
+                     and not (torch.is_grad_enabled() and any(x.requires_grad for x in sources)))
+        deep = kernels.deep_weighted_sum if on_triton else kernels.deep_weighted_sum_torch
+        shallow = kernels.shallow_weighted_sum if on_triton else kernels.shallow_weighted_sum_torch
+        y = self.upsample(deep(fused, ir_deep, vis_deep, deep_scale), ir_shallow.shape[-2], ir_shallow.shape[-1])
+        return self.output(shallow(y, ir_shallow, vis_shallow, shallow_scale))
 
     def upsample(self, y: Tensor, height: int, width: int) -> Tensor:
         """``FusionDecoder.upsample`` with its BatchNorms folded in inference and its upsamplings
