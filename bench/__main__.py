@@ -29,7 +29,7 @@ from .timing import Timer, peak_memory
 HERE = Path(__file__).parent
 README = HERE.parent / "README.md"
 PROVIDERS = ("eager", "compile", "compile-graphs", "released", "api", "sdpa", "fast-torch", "fast-torch-nchw",
-             "fast-triton", "fast-triton-nhwc", "fast-triton-graphs", "triton")
+             "fast-torch-nhwc", "fast-triton", "fast-triton-graphs", "triton")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -96,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="samples per provider (default: 3 on a CPU, 20 on a GPU)")
     parser.add_argument("--results", type=Path, default=HERE / "results.jsonl")
     parser.add_argument("--report", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--readme", type=Path, default=README, help="whose headline table to regenerate")
+    parser.add_argument("--readme", type=Path, help="whose headline table to regenerate (default: the "
+                        "repository's README, when the results are bench/results.jsonl)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the report")
     args = parser.parse_args(argv)
+    if args.readme is None and args.results.resolve() == (HERE / "results.jsonl").resolve():
+        args.readme = README
     if args.report_only:
         write_report(args.results, args.report, readme_path=args.readme)
         return 0
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = {name: max(value, ceilings[name]) for name, value in measure_ceilings(device, quick).items()}
     append_rows(args.results, [{**run, "ceilings": ceilings}])
     write_report(args.results, args.report, readme_path=args.readme)
-    print(f"appended to {args.results}; wrote {args.report} and the headline in {args.readme}")
+    print(f"appended to {args.results}; wrote {args.report}" + (f" and the headline in {args.readme}" if args.readme
+                                                                 else ""))
     return 0
 
 

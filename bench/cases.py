@@ -14,13 +14,14 @@ Providers (each added as it exists):
 - ``compile-graphs`` / ``fast-triton-graphs``: ``torch.compile(mode="reduce-overhead")`` of the
   reference or of the Triton fast path, which replays CUDA graphs: what is left once Python
   and launch overhead are gone (the cross encoder, on a GPU only).
-- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``)
-  with the PyTorch twins or the Triton kernels (``fuse(backend="fast")`` end to end, with the
-  convolutions in channels_last on a CPU; the cross encoder on windows, on whole deep maps and
-  in training; attention alone for ``triton``). Triton providers exist on a GPU only; end to
-  end and in the training steps (stage 1: the fast autoencoder, no cross encoder), a CPU runs
-  ``fast-torch`` (a GPU ``fast-triton``) and the same with the other convolution layout:
-  ``fast-torch-nchw`` (a GPU: ``fast-triton-nhwc``).
+- ``fast-torch`` / ``fast-triton``: the fast path (``crossfuse_fast.fast``) with the PyTorch
+  twins and convolutions, or the Triton kernels (``fuse(backend="fast")`` end to end, with the
+  convolutions in channels_last on a CPU; the encoder and the fusion decoder alone; the cross
+  encoder on windows, on whole deep maps and in training; attention alone for ``triton``).
+  Triton providers exist on a GPU only. End to end, for the encoder and in the training steps
+  (stage 1: the fast autoencoder, no cross encoder) a CPU also runs ``fast-torch-nchw`` (the
+  convolutions in NCHW) and a GPU ``fast-torch-nhwc`` (PyTorch's convolutions in channels_last,
+  cuDNN's NHWC kernels, against which the Triton convolutions are read).
 
 Weights are random (seeded) with non-trivial BatchNorm statistics: speed does not depend on
 the values, and the released files cannot be downloaded here.
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
-from crossfuse_fast.fast import FastAutoEncoder, FastCrossEncoder, FastCrossFuse, FastFusionNet
+from crossfuse_fast.fast import FastAutoEncoder, FastCrossEncoder, FastCrossFuse, FastFusionDecoder, FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
@@ -95,12 +96,15 @@ def released_style_cross_encoder(encoder: torch.nn.Module, ir_deep: torch.Tensor
     return fused[..., :height, :width]
 
 
-def _fast_in_both_layouts(make: Callable[[str, bool | None], Callable], on_gpu: bool) -> dict[str, Callable]:
-    """The fast path as users get it (``fast-torch`` on a CPU, ``fast-triton`` on a GPU) and with
-    the other convolution layout (``fast-torch-nchw``, ``fast-triton-nhwc``), from
-    ``make(kernel_backend, channels_last)`` (``channels_last=None``: the default layout of that device)."""
+def _fast_providers(make: Callable[[str, bool | None], Callable], on_gpu: bool) -> dict[str, Callable]:
+    """The fast path as users get it (``fast-torch`` on a CPU, ``fast-triton`` on a GPU) and beside
+    it, from ``make(kernel_backend, channels_last)`` (``channels_last=None``: the device's default):
+    on a CPU the convolutions in NCHW (``fast-torch-nchw``); on a GPU PyTorch's convolutions and the
+    kernels' twins instead of the Triton kernels, in NCHW (``fast-torch``) and in channels_last
+    (``fast-torch-nhwc``: cuDNN's NHWC convolutions)."""
     if on_gpu:
-        return {"fast-triton": make("triton", None), "fast-triton-nhwc": make("triton", True)}
+        return {"fast-triton": make("triton", None), "fast-torch": make("torch", None),
+                "fast-torch-nhwc": make("torch", True)}
     return {"fast-torch": make("torch", None), "fast-torch-nchw": make("torch", False)}
 
 
@@ -154,7 +158,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
                                 "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis)),
                                 "api": lambda ir, vis: fuse(ir, vis, model=model),
-                                **_fast_in_both_layouts(lambda backend, layout: _inference(
+                                **_fast_providers(lambda backend, layout: _inference(
                                     FastCrossFuse(model, backend, layout)), on_gpu)}),
                 quick=batch == 1 and height <= 480, notes=f"{windows} windows"))
 
@@ -205,7 +209,9 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         name="encoder 480x640 b1", group="encoder", flops=count.total,
         min_bytes=tensor_bytes(image) * (1 + 32 + 128 / 64) + parameter_bytes(encoder.fea_encoder1),
         make_inputs=lambda seed: _images(1, height, width, device, dtype)(seed)[:1],
-        providers=keep({"eager": _inference(encoder.encode), "compile": _inference(_compiled(encoder.encode))}),
+        providers=keep({"eager": _inference(encoder.encode), "compile": _inference(_compiled(encoder.encode)),
+                        **_fast_providers(lambda backend, layout: _inference(
+                            FastAutoEncoder(encoder, layout, backend).encode), on_gpu)}),
         quick=True))
 
     def make_decoder_inputs(seed: int) -> tuple:
@@ -220,8 +226,10 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         name="fusion decoder 480x640 b1", group="fusion decoder", flops=count.total,
         min_bytes=tensor_bytes(*shapes) + tensor_bytes(image) + parameter_bytes(decoder),
         make_inputs=make_decoder_inputs,
-        providers=keep({"eager": _inference(decoder), "compile": _inference(_compiled(decoder))}),
-        quick=True, notes="box filters run as dense convs"))
+        providers=keep({"eager": _inference(decoder), "compile": _inference(_compiled(decoder)),
+                        "fast-torch": _inference(FastFusionDecoder(decoder, "torch")),
+                        **({"fast-triton": _inference(FastFusionDecoder(decoder, "triton"))} if on_gpu else {})}),
+        quick=True, notes="box filters run as dense convs (reference) or as their algebra (fast)"))
 
     cases.extend(_training_cases(device, dtype, keep))
     cases.append(_cross_encoder_training_case(model.fusion.cross_atten_block, meta, device, dtype, keep, on_gpu))
@@ -327,8 +335,8 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
         name="train stage 1 256x256 b2", group="training", flops=3 * forward, min_bytes=step_bytes,
         make_inputs=lambda seed: _images(2, 256, 256, device, dtype)(seed)[:1],
         providers=keep({"eager": stage1_step(autoencoder_loss), "compile": stage1_step(_compiled(autoencoder_loss)),
-                        **_fast_in_both_layouts(lambda _, layout: stage1_step(
-                            autoencoder_loss, FastAutoEncoder(autoencoder, layout)), on_gpu)}),
+                        **_fast_providers(lambda backend, layout: stage1_step(
+                            autoencoder_loss, FastAutoEncoder(autoencoder, layout, backend)), on_gpu)}),
         quick=True, notes="forward + backward + Adam; MS-SSIM not counted"))
 
     encoders = [AutoEncoder().to(device, dtype).eval().requires_grad_(False) for _ in range(2)]
@@ -355,8 +363,8 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
         + 2 * parameter_bytes(encoders[0].fea_encoder1),
         make_inputs=_images(8, 256, 256, device, dtype),
         providers=keep({"eager": stage2_step(fusion_loss), "compile": stage2_step(_compiled(fusion_loss)),
-                        **_fast_in_both_layouts(lambda backend, layout: stage2_step(
+                        **_fast_providers(lambda backend, layout: stage2_step(
                             fusion_loss, FastFusionNet(fusion, backend),
-                            [FastAutoEncoder(e, layout) for e in encoders]), on_gpu)}),
+                            [FastAutoEncoder(e, layout, backend) for e in encoders]), on_gpu)}),
         quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
     return cases
