@@ -9,7 +9,8 @@ and a PyTorch twin of the same signature (``*_torch``) for the CPU path:
 - :mod:`.window_layer_norm`: ``layer_norm_from_map``, ``add_layer_norm_to_map`` (the cross
   encoder's ends, reading and writing windowed maps by address, :mod:`.windows`);
 - :mod:`.gelu`: ``bias_gelu``; :mod:`.gemm_gelu`: ``linear_gelu`` (fc1's GEMM with bias and GELU);
-- :mod:`.implicit_gemm_conv`: ``conv2d``, ``conv2d_into`` (NHWC convolutions, padding by address);
+- :mod:`.implicit_gemm_conv`: ``conv2d``, ``conv2d_into``, ``conv2d_pool_into`` (NHWC convolutions,
+  padding by address, a 2 x 2 max-pool in the epilogue);
 - :mod:`.upsample_fold`: ``upsampled_conv`` (a nearest 2x upsampling folded into the 3 x 3 conv after it);
 - :mod:`.source_weighting`: ``deep_weighted_sum``, ``shallow_weighted_sum`` (the fusion decoder's weighting).
 
@@ -25,7 +26,8 @@ from .flash_attention import (attention, attention_torch, cross_attention, cross
 from .fused_layer_norm import add_layer_norm, add_layer_norm_torch, layer_norm, layer_norm_torch
 from .gelu import bias_gelu, bias_gelu_torch
 from .gemm_gelu import linear_gelu, linear_gelu_torch
-from .implicit_gemm_conv import conv2d, conv2d_into, conv2d_into_torch, conv2d_torch
+from .implicit_gemm_conv import (conv2d, conv2d_into, conv2d_into_torch, conv2d_pool_into, conv2d_pool_into_torch,
+                                 conv2d_torch)
 from .source_weighting import (deep_weighted_sum, deep_weighted_sum_torch, shallow_weighted_sum,
                                shallow_weighted_sum_torch)
 from .upsample_fold import upsampled_conv, upsampled_conv_torch
@@ -34,7 +36,8 @@ from .window_layer_norm import (add_layer_norm_to_map, add_layer_norm_to_map_tor
 
 __all__ = ["add_layer_norm", "add_layer_norm_to_map", "add_layer_norm_to_map_torch", "add_layer_norm_torch",
            "attention", "attention_torch", "bias_gelu", "bias_gelu_torch", "conv2d", "conv2d_into",
-           "conv2d_into_torch", "conv2d_torch", "cross_attention", "cross_attention_torch", "deep_weighted_sum",
-           "deep_weighted_sum_torch", "layer_norm", "layer_norm_from_map", "layer_norm_from_map_torch",
-           "layer_norm_torch", "linear_gelu", "linear_gelu_torch", "self_attention", "self_attention_torch",
-           "shallow_weighted_sum", "shallow_weighted_sum_torch", "upsampled_conv", "upsampled_conv_torch"]
+           "conv2d_into_torch", "conv2d_pool_into", "conv2d_pool_into_torch", "conv2d_torch", "cross_attention",
+           "cross_attention_torch", "deep_weighted_sum", "deep_weighted_sum_torch", "layer_norm",
+           "layer_norm_from_map", "layer_norm_from_map_torch", "layer_norm_torch", "linear_gelu", "linear_gelu_torch",
+           "self_attention", "self_attention_torch", "shallow_weighted_sum", "shallow_weighted_sum_torch",
+           "upsampled_conv", "upsampled_conv_torch"]

@@ -145,9 +145,9 @@ conv, the dense blocks and decoders (64 or more channels each way), the last 1 x
 
 
 def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
-    """The implicit-GEMM convolution, forward and backward, and the upsampled convolution, compiled at
-    the model's tile shapes, on channels_last maps."""
-    from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd
+    """The implicit-GEMM convolution (forward, with the pool in its epilogue, and backward) and the
+    upsampled convolution, compiled at the model's tile shapes, on channels_last maps."""
+    from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd, conv2d_pool_fwd
     from .upsample_fold import upsampled_conv_fwd
 
     rows = []
@@ -160,6 +160,8 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
                 conv2d_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out, padding_mode="reflect")
                 conv2d_bwd(out, x, weight, padding_mode="reflect")
                 if kernel == 3:
+                    conv2d_pool_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out[:, :, :4, :4], out,
+                                    padding_mode="reflect")
                     upsampled_conv_fwd(x, torch.randn(4 * out_channels, in_channels, 2, 2, dtype=dtype),
                                        torch.zeros(out_channels, dtype=dtype))
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]

@@ -11,8 +11,10 @@ over the ``k x k`` taps and, for each, the input channels; a program computes a
 ``BLOCK_M x BLOCK_N`` tile with an fp32 accumulator. Every map is addressed by its own strides, so
 the input may be a channel slice of a wider buffer and the output may be written into a channel
 slice of one (:func:`conv2d_into`): a dense block can live in one buffer that each layer reads and
-appends to. fp32 dots use ``input_precision="ieee"`` (or TF32 when asked), 16-bit ones tensor
-cores with fp32 accumulation. Design limit: odd square kernels, any channel counts and map sizes.
+appends to. :func:`conv2d_pool_into` orders a tile's rows by 2 x 2 quads and takes the max-pool
+in its epilogue, writing the pooled map (and the full one, if asked) where it is wanted. fp32
+dots use ``input_precision="ieee"`` (or TF32 when asked), 16-bit ones tensor cores with fp32
+accumulation. Design limit: odd square kernels, any channel counts and map sizes.
 
 The backward, for 1 x 1 and 3 x 3 kernels: the input gradient is a second implicit GEMM over
 output channels and taps, in which each pixel also collects the padded positions that read it
@@ -47,22 +49,11 @@ def _source_index(index, size, PADDING: tl.constexpr):
 
 
 @triton.jit
-def _conv2d_fwd_kernel(
-    X, W, B, Y, pixels, height, width, in_channels, out_channels,
-    stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
-    stride_yn, stride_yc, stride_yh, stride_yw,
-    KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < pixels
-    column = offs_m % width
-    row = (offs_m // width) % height
-    image = offs_m // (width * height)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < out_channels
+def _conv_tile(X, W, B, image, row, column, mask_m, offs_n, mask_n, height, width, in_channels,
+               stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+               KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The fp32 ``[BLOCK_M, BLOCK_N]`` tile of output pixels ``(image, row, column)`` by channels ``offs_n``."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tap in tl.static_range(KERNEL * KERNEL):
@@ -80,9 +71,69 @@ def _conv2d_fwd_kernel(
             acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    X, W, B, Y, pixels, height, width, in_channels, out_channels,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < pixels
+    column = offs_m % width
+    row = (offs_m // width) % height
+    image = offs_m // (width * height)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < out_channels
+    acc = _conv_tile(X, W, B, image, row, column, mask_m, offs_n, mask_n, height, width, in_channels,
+                     stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+                     KERNEL, PADDING, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     y_pixel = image * stride_yn + row * stride_yh + column * stride_yw
     tl.store(Y + y_pixel[:, None] + offs_n[None, :] * stride_yc, acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv2d_pool_fwd_kernel(
+    X, W, B, Y, P, quads, height, width, in_channels, out_channels,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_yn, stride_yc, stride_yh, stride_yw, stride_pn, stride_pc, stride_ph, stride_pw,
+    KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The rows of the tile are 2 x 2 quads of output pixels, four consecutive rows a quad, so the
+    epilogue takes each quad's maximum (the 2 x 2 max-pool) before its store; with ``STORE_FULL``
+    the full-resolution output is written too."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    quad = offs_m // 4
+    mask_m = quad < quads
+    quad_columns = width // 2
+    quad_column = quad % quad_columns
+    quad_row = (quad // quad_columns) % (height // 2)
+    image = quad // (quad_columns * (height // 2))
+    row = 2 * quad_row + (offs_m % 4) // 2
+    column = 2 * quad_column + offs_m % 2
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < out_channels
+    acc = _conv_tile(X, W, B, image, row, column, mask_m, offs_n, mask_n, height, width, in_channels,
+                     stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+                     KERNEL, PADDING, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    if STORE_FULL:
+        y_pixel = image * stride_yn + row * stride_yh + column * stride_yw
+        tl.store(Y + y_pixel[:, None] + offs_n[None, :] * stride_yc, acc.to(Y.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+    pooled = tl.max(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
+    offs_q = tl.program_id(0) * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+    q_column = offs_q % quad_columns
+    q_row = (offs_q // quad_columns) % (height // 2)
+    q_image = offs_q // (quad_columns * (height // 2))
+    p_pixel = q_image * stride_pn + q_row * stride_ph + q_column * stride_pw
+    tl.store(P + p_pixel[:, None] + offs_n[None, :] * stride_pc, pooled.to(P.dtype.element_ty),
+             mask=(offs_q < quads)[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -243,6 +294,32 @@ def conv2d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, p
     return out
 
 
+def conv2d_pool_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor, full: Tensor | None = None, *,
+                    padding_mode: str, tf32: bool = False, tiles: ConvTiles | None = None) -> Tensor:
+    """The convolution of ``x`` ``[B, Cin, H, W]`` (``H`` and ``W`` even) with its 2 x 2 max-pool
+    written into ``pooled`` ``[B, Cout, H / 2, W / 2]`` and, when given, the full output into
+    ``full`` ``[B, Cout, H, W]`` (any strides); returns ``pooled``."""
+    _check(x, weight, bias, padding_mode)
+    batch, in_channels, height, width = x.shape
+    out_channels, kernel = weight.shape[0], weight.shape[2]
+    if height % 2 or width % 2:
+        raise ValueError(f"the pooled convolution takes even sides, got {height} x {width}")
+    for name, out, size in (("pooled", pooled, (height // 2, width // 2)), ("full", full, (height, width))):
+        if out is not None and (out.shape != (batch, out_channels, *size) or out.dtype != x.dtype):
+            raise ValueError(f"{name} must be [{batch}, {out_channels}, {size[0]}, {size[1]}] {x.dtype}, "
+                             f"got {tuple(out.shape)} {out.dtype}")
+    tiles = tiles or conv_tiles(in_channels, out_channels)
+    quads = batch * (height // 2) * (width // 2)
+    precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
+    _conv2d_pool_fwd_kernel[(triton.cdiv(4 * quads, tiles.block_m), triton.cdiv(out_channels, tiles.block_n))](
+        x, weight, pooled if bias is None else bias, pooled if full is None else full, pooled, quads, height, width,
+        in_channels, out_channels, *x.stride(), *weight.stride(), *(pooled if full is None else full).stride(),
+        *pooled.stride(), KERNEL=kernel, PADDING=PADDING_MODES.index(padding_mode), HAS_BIAS=bias is not None,
+        STORE_FULL=full is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **COMPILER_OPTIONS)
+    return pooled
+
+
 WEIGHT_GRADIENT_PROGRAMS = 512
 """About how many programs the weight gradient launches (each tap and channel tile's pixels are
 split until there are): enough to fill a GPU, with partial sums of bounded size."""
@@ -337,6 +414,16 @@ _conv2d_into = FusedOp("conv2d_into", _conv2d_into_impl, lambda x, weight, bias,
                        mutates_args=("out",))
 
 
+def _conv2d_pool_into_impl(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor, full: Tensor | None,
+                           padding_mode: str, tf32: bool) -> None:
+    conv2d_pool_fwd(x, weight, bias, pooled, full, padding_mode=padding_mode, tf32=tf32)
+
+
+_conv2d_pool_into = FusedOp("conv2d_pool_into", _conv2d_pool_into_impl,
+                            lambda x, weight, bias, pooled, full, padding_mode, tf32: None,
+                            mutates_args=("pooled", "full"))
+
+
 # ---- public functions and their PyTorch twins ----------------------------------------------------
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding_mode: str = "reflect",
@@ -373,3 +460,24 @@ def conv2d_into(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, 
 def conv2d_into_torch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *,
                       padding_mode: str = "reflect", tf32: bool = False) -> Tensor:
     return out.copy_(conv2d_torch(x, weight, bias, padding_mode=padding_mode))
+
+
+def conv2d_pool_into(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor, full: Tensor | None = None, *,
+                     padding_mode: str = "reflect", tf32: bool = False) -> Tensor:
+    """:func:`conv2d` followed by a 2 x 2 max-pool, in one pass: the pooled map written into ``pooled``
+    (e.g. the first channels of the next dense block's buffer) and, when given, the full-resolution
+    output into ``full``; ``x``'s sides must be even. Returns ``pooled``. No gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, pooled, full)):
+        raise RuntimeError("conv2d_pool_into writes in place and records no gradient; use conv2d and a pool "
+                           "where one is needed")
+    _conv2d_pool_into(x, weight, bias, pooled, full, padding_mode, tf32)
+    return pooled
+
+
+def conv2d_pool_into_torch(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor,
+                           full: Tensor | None = None, *, padding_mode: str = "reflect",
+                           tf32: bool = False) -> Tensor:
+    y = conv2d_torch(x, weight, bias, padding_mode=padding_mode)
+    if full is not None:
+        full.copy_(y)
+    return pooled.copy_(F.max_pool2d(y, 2))

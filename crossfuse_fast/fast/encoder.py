@@ -1,15 +1,17 @@
 """The autoencoder's encoder with its dense blocks padded piece by piece
 (docs/fast-path.md#dense-blocks-pad-each-piece-once), or, on the Triton kernels, each dense block
-in one buffer with the padding done by address (docs/fast-path.md#not-fused-yet)."""
+in one buffer, the padding done by address and each pool in the epilogue of the convolution before
+it (docs/fast-path.md#not-fused-yet)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
 from ..backends import DEFAULT_KERNEL_BACKEND, check_kernel_backend, resolve_kernel_backend
 from ..reference import AutoEncoder
-from ..reference.autoencoder import ConvLayer, DenseBlock
+from ..reference.autoencoder import ConvLayer, DenseBlock, Encoder
 from .layout import image_layout
 
 
@@ -28,26 +30,78 @@ def _conv(layer: ConvLayer, x: Tensor) -> Tensor:
     return kernels.conv2d(x, conv.weight, conv.bias)
 
 
-def dense_block_in_buffer(block: DenseBlock, x: Tensor) -> Tensor:
-    """``block(x)`` on the Triton convolutions, which pad by address: without gradients the block's
-    input and its three 64-channel pieces share one NHWC buffer (each layer reads the channels so
-    far and writes the next 64, no ``cat``); with gradients each piece is concatenated (the
-    in-place writes would record none)."""
-    layers = (block.dense_conv0, block.dense_conv1, block.dense_conv2)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *block.parameters())):
-        for layer in layers:
-            x = torch.cat([x, _conv(layer, x)], dim=1)
-        return _conv(block.adjust_conv, x)
-    batch, channels, height, width = x.shape
-    growth = layers[0].conv2d[0].out_channels
-    buffer = torch.empty(batch, channels + len(layers) * growth, height, width, device=x.device, dtype=x.dtype,
-                         memory_format=torch.channels_last)
-    buffer[:, :channels].copy_(x)
-    for index, layer in enumerate(layers):
-        filled = channels + index * growth
+def _dense_layers(block: DenseBlock) -> tuple[ConvLayer, ConvLayer, ConvLayer]:
+    return block.dense_conv0, block.dense_conv1, block.dense_conv2
+
+
+def dense_block_on_kernels(block: DenseBlock, x: Tensor) -> Tensor:
+    """``block(x)`` on the Triton convolutions (padding by address), each 64-channel piece
+    concatenated: the path that records gradients."""
+    for layer in _dense_layers(block):
+        x = torch.cat([x, _conv(layer, x)], dim=1)
+    return _conv(block.adjust_conv, x)
+
+
+def _fill_dense_buffer(block: DenseBlock, buffer: Tensor) -> Tensor:
+    """Run the block's three dense layers in ``buffer`` (its input in the first channels): each reads
+    the channels so far and writes the next piece after them. Returns ``buffer``."""
+    filled = _dense_layers(block)[0].conv2d[0].in_channels
+    for layer in _dense_layers(block):
         conv = layer.conv2d[0]
-        kernels.conv2d_into(buffer[:, :filled], conv.weight, conv.bias, buffer[:, filled:filled + growth])
-    return _conv(block.adjust_conv, buffer)
+        kernels.conv2d_into(buffer[:, :filled], conv.weight, conv.bias, buffer[:, filled:filled + conv.out_channels])
+        filled += conv.out_channels
+    return buffer
+
+
+def _conv_then_pool(layer: ConvLayer, x: Tensor, pooled: Tensor, full: Tensor | None) -> None:
+    """``pooled = MaxPool2d(2)(layer(x))`` (and ``full = layer(x)`` when given), in one pass where the
+    sides are even."""
+    conv = layer.conv2d[0]
+    if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
+        kernels.conv2d_pool_into(x, conv.weight, conv.bias, pooled, full)
+        return
+    y = _conv(layer, x) if full is None else kernels.conv2d_into(x, conv.weight, conv.bias, full)
+    pooled.copy_(F.max_pool2d(y, 2))
+
+
+def _nhwc(batch: int, channels: int, height: int, width: int, like: Tensor) -> Tensor:
+    return torch.empty(batch, channels, height, width, device=like.device, dtype=like.dtype,
+                       memory_format=torch.channels_last)
+
+
+def encode_in_buffers(encoder: Encoder, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``encoder(x)`` in inference on the Triton convolutions: each dense block in one NHWC buffer,
+    and every convolution before a 2 x 2 max-pool (the first, and each block's ``adjust_conv``)
+    writing its pooled map straight into the next block's buffer (the first also its
+    full-resolution shallow map); no ``cat``, no pad, no pooled copy. Needs the released layout:
+    ``pool``, then dense blocks each followed by a 2 x 2 max-pool (:func:`chains_pools`)."""
+    batch, _, height, width = x.shape
+    shallow = _nhwc(batch, encoder.conv1.conv2d[0].out_channels, height, width, x)
+    layer, source, full = encoder.conv1, x, shallow
+    for block in encoder.dense_blocks[0::2]:
+        height, width = height // 2, width // 2
+        channels = _dense_layers(block)[0].conv2d[0].in_channels
+        grown = channels + sum(layer_.conv2d[0].out_channels for layer_ in _dense_layers(block))
+        buffer = _nhwc(batch, grown, height, width, x)
+        _conv_then_pool(layer, source, buffer[:, :channels], full)
+        layer, source, full = block.adjust_conv, _fill_dense_buffer(block, buffer), None
+    deep = _nhwc(batch, layer.conv2d[0].out_channels, height // 2, width // 2, x)
+    _conv_then_pool(layer, source, deep, None)
+    return shallow, deep
+
+
+def _is_pool2(module: nn.Module) -> bool:
+    pair = (lambda value: value if isinstance(value, tuple) else (value, value))
+    return (isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) == (2, 2) and pair(module.stride) == (2, 2)
+            and pair(module.padding) == (0, 0) and pair(module.dilation) == (1, 1) and not module.ceil_mode)
+
+
+def chains_pools(encoder: Encoder) -> bool:
+    """Whether ``encoder`` has the released layout that :func:`encode_in_buffers` runs: a 2 x 2 max-pool
+    after the first convolution, and dense blocks each followed by one."""
+    layers = list(encoder.dense_blocks)
+    return (_is_pool2(encoder.pool) and len(layers) % 2 == 0 and all(isinstance(m, DenseBlock) for m in layers[0::2])
+            and all(_is_pool2(m) for m in layers[1::2]))
 
 
 class FastAutoEncoder(nn.Module):
@@ -58,9 +112,10 @@ class FastAutoEncoder(nn.Module):
     map after follows them: PyTorch keeps each convolution, pad, pool and concat in the layout of
     its input, through the fusion network too. Where ``kernel_backend`` resolves to ``"triton"``
     (a GPU under ``"auto"``) the encoder's convolutions run on the Triton kernels instead, on NHWC
-    maps, each dense block in one buffer (:func:`dense_block_in_buffer`): the same function up to
-    rounding. Raises ``ValueError`` for dense blocks whose convolutions do not all pad by one
-    pixel (the released 3 x 3 ones do).
+    maps: in inference each dense block in one buffer and each pool in its convolution's epilogue
+    (:func:`encode_in_buffers`), with gradients the pieces concatenated
+    (:func:`dense_block_on_kernels`); the same function up to rounding. Raises ``ValueError`` for
+    dense blocks whose convolutions do not all pad by one pixel (the released 3 x 3 ones do).
     """
 
     def __init__(self, reference: AutoEncoder, channels_last: bool | None = None,
@@ -82,8 +137,13 @@ class FastAutoEncoder(nn.Module):
         """``AutoEncoder.encode``: ``(shallow, deep)`` of images on 0..255."""
         encoder = self.reference.fea_encoder1
         if resolve_kernel_backend(self.kernel_backend, images.device) == "triton":
-            shallow = _conv(encoder.conv1, image_layout(images, True) / 255.0)
-            block = dense_block_in_buffer
+            x = image_layout(images, True) / 255.0
+            recording = torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in encoder.parameters()))
+            if not recording and chains_pools(encoder):
+                return encode_in_buffers(encoder, x)
+            shallow = _conv(encoder.conv1, x)
+            block = dense_block_on_kernels
         else:
             shallow = encoder.conv1(image_layout(images, self.channels_last) / 255.0)
             block = dense_block

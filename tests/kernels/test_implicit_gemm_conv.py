@@ -5,7 +5,7 @@ import torch
 from utils import DEVICE, INTERPRETER_DTYPES, TOLERANCE, assert_three_way, relative_error
 
 from crossfuse_fast import kernels
-from crossfuse_fast.kernels.implicit_gemm_conv import conv2d_into, conv2d_into_torch, conv2d_torch
+from crossfuse_fast.kernels.implicit_gemm_conv import conv2d_into, conv2d_into_torch, conv2d_pool_into_torch, conv2d_torch
 from crossfuse_fast.reference.autoencoder import ConvLayer
 
 # (height, width, in, out, kernel, padding): odd sizes, one- and two-pixel maps (the padding repeats
@@ -125,3 +125,47 @@ def test_compile_fullgraph_matches_eager():
     grad = torch.randn_like(want)
     for g, w in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("height,width,in_channels,out_channels", [(6, 8, 3, 5), (2, 2, 32, 64), (10, 4, 1, 32),
+                                                                   (4, 6, 96, 64)])
+def test_conv2d_pool_into(poisoned_allocations, height, width, in_channels, out_channels, dtype):
+    """The convolution with its 2 x 2 max-pool in the epilogue: the pooled map written into a channel
+    slice of a wider buffer (a dense block's first channels) and the full map beside it, three-way
+    against fp64; the other channels of the buffer are left as they were."""
+    x, weight, bias = _inputs(height, width, in_channels, out_channels, 3, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    buffer = torch.full((2, out_channels + 7, height // 2, width // 2), float("nan"), device=DEVICE, dtype=dtype)
+    buffer = buffer.contiguous(memory_format=torch.channels_last)
+    full = torch.full((2, out_channels, height, width), float("nan"), device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        kernels.conv2d_pool_into(x, weight, bias, buffer[:, :out_channels], full)
+    exact = conv2d_torch(x.double(), weight.double(), bias.double())
+    plain = conv2d_torch(x, weight, bias)
+    assert_three_way(full, exact, plain, dtype, name="full")
+    pool = torch.nn.functional.max_pool2d
+    assert_three_way(buffer[:, :out_channels], pool(exact, 2), pool(plain.float(), 2).to(dtype), dtype, name="pooled")
+    assert torch.isnan(buffer[:, out_channels:]).all()
+    twin = torch.zeros_like(buffer[:, :out_channels])
+    conv2d_pool_into_torch(x, weight, bias, twin)
+    assert_three_way(twin, pool(exact, 2), pool(plain.float(), 2).to(dtype), dtype, name="twin")
+
+
+def test_conv2d_pool_into_names_odd_sides_and_records_no_gradient():
+    x, weight, bias = _inputs(5, 4, 3, 2, 3)
+    with torch.no_grad(), pytest.raises(ValueError, match="even sides, got 5 x 4"):
+        kernels.conv2d_pool_into(x, weight, bias, torch.empty(2, 2, 2, 2))
+    x, weight, bias = _inputs(4, 4, 3, 2, 3, grad=True)
+    with pytest.raises(RuntimeError, match="records no gradient"):
+        kernels.conv2d_pool_into(x, weight, bias, torch.empty(2, 2, 2, 2))
+
+
+def test_opcheck_pooled():
+    x, weight, bias = (t.detach() for t in _inputs(4, 6, 4, 3, 3))
+    buffer = torch.zeros(2, 9, 2, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    full = torch.zeros(2, 3, 4, 6, device=DEVICE)
+    torch.library.opcheck(torch.ops.crossfuse.conv2d_pool_into,
+                          (x, weight, bias, buffer[:, 2:5], full, "reflect", False))
+    torch.library.opcheck(torch.ops.crossfuse.conv2d_pool_into, (x, weight, None, buffer[:, 2:5], None, "replicate",
+                                                                  False))
