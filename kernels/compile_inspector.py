@@ -146,9 +146,10 @@ conv, the dense blocks and decoders (64 or more channels each way), the last 1 x
 
 def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
     """The implicit-GEMM convolution (forward, with the pool in its epilogue, and backward) and the
-    upsampled convolution, compiled at the model's tile shapes, on channels_last maps."""
+    upsampled convolution (forward and backward), compiled at the model's tile shapes, on
+    channels_last maps."""
     from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd, conv2d_pool_fwd
-    from .upsample_fold import upsampled_conv_fwd
+    from .upsample_fold import upsampled_conv_bwd, upsampled_conv_fwd
 
     rows = []
     for dtype in dtypes:
@@ -162,8 +163,9 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
                 if kernel == 3:
                     conv2d_pool_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out[:, :, :4, :4], out,
                                     padding_mode="reflect")
-                    upsampled_conv_fwd(x, torch.randn(4 * out_channels, in_channels, 2, 2, dtype=dtype),
-                                       torch.zeros(out_channels, dtype=dtype))
+                    phases = torch.randn(4 * out_channels, in_channels, 2, 2, dtype=dtype)
+                    upsampled = upsampled_conv_fwd(x, phases, torch.zeros(out_channels, dtype=dtype))
+                    upsampled_conv_bwd(upsampled, x, phases)
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
     return rows
 

@@ -240,19 +240,24 @@ class ConvTiles:
     num_stages: int = 2
 
 
-def conv_tiles(in_channels: int, out_channels: int) -> ConvTiles:
+def conv_tiles(in_channels: int, out_channels: int, dtype: torch.dtype) -> ConvTiles:
     """Deterministic tiles (no autotuning, so runs repeat): 64 pixels by up to 64 output channels,
-    up to 32 input channels a step; at least 16 each way, as ``tl.dot`` needs. Not yet timed on a GPU."""
+    up to 32 input channels a step (at least 16 each way, as ``tl.dot`` needs), 2 stages; 8 warps
+    in fp32 and 4 in 16 bits, the choices that compile for sm_90 without register spills under
+    both Triton 3.6 and 3.9 (bench/NOTES.md has the ones tried). Not yet timed on a GPU."""
     return ConvTiles(64, min(64, max(16, triton.next_power_of_2(out_channels))),
-                     min(32, max(16, triton.next_power_of_2(in_channels))))
+                     min(32, max(16, triton.next_power_of_2(in_channels))), 8 if dtype == torch.float32 else 4, 2)
 
 
 def conv_input_gradient_tiles(out_channels: int, in_channels: int, dtype: torch.dtype) -> ConvTiles:
-    """The input gradient's tiles: as :func:`conv_tiles` with the channels' roles swapped, and one
-    stage in fp32, where two spill registers when compiled for sm_90 (the compile inspector shows
-    them; bench/NOTES.md has the tiles tried)."""
-    tiles = conv_tiles(out_channels, in_channels)
-    return ConvTiles(tiles.block_m, tiles.block_n, tiles.block_k, 4, 1 if dtype == torch.float32 else 2)
+    """The input gradient's tiles: :func:`conv_tiles` with the channels' roles swapped; in fp32 one
+    stage, and 32 pixels by 4 warps for narrow inputs (16 channels or fewer), 64 by 8 otherwise:
+    without spills under Triton 3.6 and 3.9, where the other choices tried spill (bench/NOTES.md)."""
+    tiles = conv_tiles(out_channels, in_channels, dtype)
+    if dtype != torch.float32:
+        return tiles
+    narrow = tiles.block_n <= 16
+    return ConvTiles(32 if narrow else 64, tiles.block_n, tiles.block_k, 4 if narrow else 8, 1)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, padding_mode: str) -> None:
@@ -281,7 +286,7 @@ def conv2d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, p
     if out.shape != (batch, out_channels, height, width) or out.dtype != x.dtype:
         raise ValueError(f"out must be [{batch}, {out_channels}, {height}, {width}] {x.dtype}, "
                          f"got {tuple(out.shape)} {out.dtype}")
-    tiles = tiles or conv_tiles(in_channels, out_channels)
+    tiles = tiles or conv_tiles(in_channels, out_channels, x.dtype)
     pixels = batch * height * width
     precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(pixels, tiles.block_m), triton.cdiv(out_channels, tiles.block_n))
@@ -308,7 +313,7 @@ def conv2d_pool_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tens
         if out is not None and (out.shape != (batch, out_channels, *size) or out.dtype != x.dtype):
             raise ValueError(f"{name} must be [{batch}, {out_channels}, {size[0]}, {size[1]}] {x.dtype}, "
                              f"got {tuple(out.shape)} {out.dtype}")
-    tiles = tiles or conv_tiles(in_channels, out_channels)
+    tiles = tiles or conv_tiles(in_channels, out_channels, x.dtype)
     quads = batch * (height // 2) * (width // 2)
     precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
     _conv2d_pool_fwd_kernel[(triton.cdiv(4 * quads, tiles.block_m), triton.cdiv(out_channels, tiles.block_n))](
@@ -325,12 +330,27 @@ WEIGHT_GRADIENT_PROGRAMS = 512
 split until there are): enough to fill a GPU, with partial sums of bounded size."""
 
 
+def weight_gradient_split(pixels: int, out_channels: int, in_channels: int,
+                          taps: int) -> tuple[int, int, int, int, int]:
+    """``(block_co, block_ci, block_m, splits, pixels_per_split)`` of a weight gradient over ``taps``
+    kernel positions: channel tiles of up to 64, pixels in steps of 32, split into chunks until
+    there are about :data:`WEIGHT_GRADIENT_PROGRAMS` programs."""
+    block_co = min(64, max(16, triton.next_power_of_2(out_channels)))
+    block_ci = min(64, max(16, triton.next_power_of_2(in_channels)))
+    block_m = 32
+    channel_programs = taps * triton.cdiv(out_channels, block_co) * triton.cdiv(in_channels, block_ci)
+    splits = max(1, min(triton.cdiv(pixels, block_m), WEIGHT_GRADIENT_PROGRAMS // channel_programs))
+    pixels_per_split = triton.cdiv(triton.cdiv(pixels, splits), block_m) * block_m
+    return block_co, block_ci, block_m, triton.cdiv(pixels, pixels_per_split), pixels_per_split
+
+
 def conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, *, padding_mode: str, tf32: bool = False,
-               tiles: ConvTiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               input_gradient: bool = True, tiles: ConvTiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d_fwd` for its output gradient ``grad_y``
     (any strides): ``grad_x`` in channels_last, the padding's gradient added onto the pixels it
     reads, computed by address; ``grad_bias`` is the per-channel sum whether or not there is a
-    bias. Design limit: 1 x 1 and 3 x 3 kernels."""
+    bias; without ``input_gradient``, ``grad_x`` is empty and not computed. Design limit: 1 x 1 and
+    3 x 3 kernels."""
     _check(x, weight, None, padding_mode)
     batch, in_channels, height, width = x.shape
     out_channels, kernel = weight.shape[0], weight.shape[2]
@@ -342,19 +362,17 @@ def conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, *, padding_mode: str, 
     precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
     options = dict(KERNEL=kernel, PADDING=PADDING_MODES.index(padding_mode), INPUT_PRECISION=precision,
                    **COMPILER_OPTIONS)
-    input_tiles = tiles or conv_input_gradient_tiles(out_channels, in_channels, x.dtype)
-    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
-    _conv2d_bwd_input_kernel[(triton.cdiv(pixels, input_tiles.block_m), triton.cdiv(in_channels, input_tiles.block_n))](
-        grad_y, weight, grad_x, pixels, height, width, in_channels, out_channels, *grad_y.stride(), *weight.stride(),
-        *grad_x.stride(), BLOCK_M=input_tiles.block_m, BLOCK_N=input_tiles.block_n, BLOCK_K=input_tiles.block_k,
-        num_warps=input_tiles.num_warps, num_stages=input_tiles.num_stages, **options)
-    block_co = min(64, max(16, triton.next_power_of_2(out_channels)))
-    block_ci = min(64, max(16, triton.next_power_of_2(in_channels)))
-    block_m = 32
-    channel_programs = kernel * kernel * triton.cdiv(out_channels, block_co) * triton.cdiv(in_channels, block_ci)
-    splits = max(1, min(triton.cdiv(pixels, block_m), WEIGHT_GRADIENT_PROGRAMS // channel_programs))
-    pixels_per_split = triton.cdiv(triton.cdiv(pixels, splits), block_m) * block_m
-    splits = triton.cdiv(pixels, pixels_per_split)
+    grad_x = x.new_empty(0)
+    if input_gradient:
+        input_tiles = tiles or conv_input_gradient_tiles(out_channels, in_channels, x.dtype)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        _conv2d_bwd_input_kernel[(triton.cdiv(pixels, input_tiles.block_m),
+                                  triton.cdiv(in_channels, input_tiles.block_n))](
+            grad_y, weight, grad_x, pixels, height, width, in_channels, out_channels, *grad_y.stride(),
+            *weight.stride(), *grad_x.stride(), BLOCK_M=input_tiles.block_m, BLOCK_N=input_tiles.block_n,
+            BLOCK_K=input_tiles.block_k, num_warps=input_tiles.num_warps, num_stages=input_tiles.num_stages, **options)
+    block_co, block_ci, block_m, splits, pixels_per_split = weight_gradient_split(pixels, out_channels, in_channels,
+                                                                                  kernel * kernel)
     partial = torch.empty(splits, kernel * kernel, out_channels, in_channels, device=x.device, dtype=torch.float32)
     _conv2d_bwd_weight_kernel[(triton.cdiv(out_channels, block_co), triton.cdiv(in_channels, block_ci),
                                splits * kernel * kernel)](
@@ -372,14 +390,14 @@ def _new_output(x: Tensor, weight: Tensor) -> Tensor:
 
 # ---- registered ops ----------------------------------------------------------------------------
 
-def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, padding_mode: str,
-                          tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return conv2d_bwd(grad_y, x, weight, padding_mode=padding_mode, tf32=tf32)
+def _conv2d_backward_impl(grad_y: Tensor, x: Tensor, weight: Tensor, padding_mode: str, tf32: bool,
+                          input_gradient: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return conv2d_bwd(grad_y, x, weight, padding_mode=padding_mode, tf32=tf32, input_gradient=input_gradient)
 
 
-def _conv2d_backward_fake(grad_y, x, weight, padding_mode, tf32):
-    return (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight),
-            weight.new_empty(weight.shape[0]))
+def _conv2d_backward_fake(grad_y, x, weight, padding_mode, tf32, input_gradient):
+    return (torch.empty_like(x, memory_format=torch.channels_last) if input_gradient else x.new_empty(0),
+            torch.empty_like(weight), weight.new_empty(weight.shape[0]))
 
 
 _conv2d_backward = FusedOp("conv2d_backward", _conv2d_backward_impl, _conv2d_backward_fake)
@@ -397,8 +415,9 @@ def _conv2d_setup(ctx, inputs, output):
 
 def _conv2d_grads(ctx, grad_y):
     x, weight = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = _conv2d_backward.op(grad_y, x, weight, ctx.padding_mode, ctx.tf32)
-    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None
+    needs_x = ctx.needs_input_grad[0]
+    grad_x, grad_weight, grad_bias = _conv2d_backward.op(grad_y, x, weight, ctx.padding_mode, ctx.tf32, needs_x)
+    return grad_x if needs_x else None, grad_weight, grad_bias if ctx.has_bias else None, None, None
 
 
 _conv2d = FusedOp("conv2d", _conv2d_impl, lambda x, weight, bias, padding_mode, tf32: _new_output(x, weight),

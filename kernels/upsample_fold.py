@@ -11,8 +11,11 @@ dx)] K_rc[dy, dx]`` (docs/fast-path.md#upsamplings-folded-into-the-convolutions)
 
 The Triton kernel is an implicit GEMM over the pixels of ``x``: a program computes the four
 phases of a tile of them, one after the other, and writes each to its interleaved place in the
-NHWC output; the replicate padding is a clamp of the addresses. It records no gradient (the
-training path runs the twin); design limit: any map size and channel counts.
+NHWC output; the replicate padding is a clamp of the addresses. The backward: the input gradient
+an implicit GEMM over output channels, phases and taps, in which the first and last row and
+column also collect the outputs whose reads were clamped onto them; the phase kernels' gradient a
+GEMM per phase and tap over the pixels in chunks whose partial sums are added afterwards. Design
+limit: any map size and channel counts.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .compiler_options import COMPILER_OPTIONS
-from .implicit_gemm_conv import ConvTiles, conv_tiles
+from .implicit_gemm_conv import ConvTiles, conv_tiles, weight_gradient_split
 from .registry import FusedOp
 
 
@@ -69,6 +72,94 @@ def _upsampled_conv_fwd_kernel(
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _upsampled_conv_bwd_input_kernel(
+    DY, K, DX, pixels, height, width, in_channels, out_channels,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw, stride_ko, stride_ki, stride_kh, stride_kw,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """A tile of input pixels by input channels. Phase ``(r, c)``, tap ``(dy, dx)`` reads pixel
+    ``clamp(i + r - 1 + dy)``: a pixel collects the outputs whose unclamped row is itself and, at
+    the first and last row, -1 and ``height`` (columns alike; skipped per tile where none applies)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < pixels
+    column = offs_m % width
+    row = (offs_m // width) % height
+    image = offs_m // (width * height)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < in_channels
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for source in range(9):
+        which_row = source // 3
+        which_column = source % 3
+        read_row = tl.where(which_row == 0, row, tl.where(which_row == 1, -1, height))
+        read_column = tl.where(which_column == 0, column, tl.where(which_column == 1, -1, width))
+        reads_here = (mask_m & (tl.minimum(tl.maximum(read_row, 0), height - 1) == row)
+                      & (tl.minimum(tl.maximum(read_column, 0), width - 1) == column))
+        if tl.max(reads_here.to(tl.int32), 0) > 0:
+            for combo in tl.static_range(16):
+                phase = combo // 4
+                tap = combo % 4
+                out_row = read_row - phase // 2 + 1 - tap // 2
+                out_column = read_column - phase % 2 + 1 - tap % 2
+                valid = reads_here & (out_row >= 0) & (out_row < height) & (out_column >= 0) & (out_column < width)
+                dy_pixel = (image * stride_dyn + (2 * out_row + phase // 2) * stride_dyh
+                            + (2 * out_column + phase % 2) * stride_dyw)
+                k_tap = phase * out_channels * stride_ko + (tap // 2) * stride_kh + (tap % 2) * stride_kw
+                for start in range(0, out_channels, BLOCK_K):
+                    channels = start + offs_k
+                    mask_k = channels < out_channels
+                    dy = tl.load(DY + dy_pixel[:, None] + channels[None, :] * stride_dyc,
+                                 mask=valid[:, None] & mask_k[None, :], other=0.0)
+                    k = tl.load(K + k_tap + channels[:, None] * stride_ko + offs_n[None, :] * stride_ki,
+                                mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                    acc = tl.dot(dy, k, acc, input_precision=INPUT_PRECISION)
+    dx_pixel = image * stride_dxn + row * stride_dxh + column * stride_dxw
+    tl.store(DX + dx_pixel[:, None] + offs_n[None, :] * stride_dxc, acc.to(DX.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _upsampled_conv_bwd_weight_kernel(
+    X, DY, PARTIAL, pixels, pixels_per_split, height, width, in_channels, out_channels,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One (phase, tap)'s ``BLOCK_CO x BLOCK_CI`` tile of the phase kernels' gradient over one split
+    of the input pixels, into ``PARTIAL[split, phase, tap]`` (summed afterwards, no atomics)."""
+    pid_co = tl.program_id(0)
+    pid_ci = tl.program_id(1)
+    combo = tl.program_id(2) % 16
+    split = tl.program_id(2) // 16
+    phase = combo // 4
+    tap = combo % 4
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    mask_co = offs_co < out_channels
+    mask_ci = offs_ci < in_channels
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    end = tl.minimum((split + 1) * pixels_per_split, pixels)
+    for start in range(split * pixels_per_split, end, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        column = offs_m % width
+        row = (offs_m // width) % height
+        image = offs_m // (width * height)
+        dy_pixel = image * stride_dyn + (2 * row + phase // 2) * stride_dyh + (2 * column + phase % 2) * stride_dyw
+        dy = tl.load(DY + dy_pixel[:, None] + offs_co[None, :] * stride_dyc,
+                     mask=mask_m[:, None] & mask_co[None, :], other=0.0)
+        source_row = tl.minimum(tl.maximum(row + phase // 2 - 1 + tap // 2, 0), height - 1)
+        source_column = tl.minimum(tl.maximum(column + phase % 2 - 1 + tap % 2, 0), width - 1)
+        x = tl.load(X + (image * stride_xn + source_row * stride_xh + source_column * stride_xw)[:, None]
+                    + offs_ci[None, :] * stride_xc, mask=mask_m[:, None] & mask_ci[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=INPUT_PRECISION)
+    partial = PARTIAL + (split * 16 + combo) * out_channels * in_channels
+    tl.store(partial + offs_co[:, None] * in_channels + offs_ci[None, :], acc,
+             mask=mask_co[:, None] & mask_ci[None, :])
+
+
 def phase_kernels(weight: Tensor) -> Tensor:
     """``[4 C_out, C_in, 2, 2]``: for each output phase ``(row % 2, column % 2)``, in that order, the
     2 x 2 kernel over the map before upsampling that a 3 x 3 ``weight`` amounts to.
@@ -84,11 +175,14 @@ def phase_kernels(weight: Tensor) -> Tensor:
     return torch.cat([column for row in phases(weight, 2) for column in phases(row, 3)])
 
 
-def upsampled_conv_tiles(in_channels: int, out_channels: int, dtype: torch.dtype) -> ConvTiles:
-    """:func:`.implicit_gemm_conv.conv_tiles`, with 8 warps in fp32, where 4 spill registers when
-    compiled for sm_90 (four phases' worth of addresses live at once; bench/NOTES.md)."""
-    tiles = conv_tiles(in_channels, out_channels)
-    return ConvTiles(tiles.block_m, tiles.block_n, tiles.block_k, 8 if dtype == torch.float32 else 4, 2)
+def upsampled_input_gradient_tiles(out_channels: int, in_channels: int, dtype: torch.dtype) -> ConvTiles:
+    """The input gradient's tiles: those of :func:`.implicit_gemm_conv.conv_tiles` with the channels'
+    roles swapped; in fp32 32 pixels by 4 warps and one stage, without spills under Triton 3.6
+    and 3.9 (its sixteen phase-tap combinations hold more live values; bench/NOTES.md)."""
+    tiles = conv_tiles(out_channels, in_channels, dtype)
+    if dtype != torch.float32:
+        return tiles
+    return ConvTiles(32, tiles.block_n, tiles.block_k, 4, 1)
 
 
 def _check(x: Tensor, kernels: Tensor, bias: Tensor | None) -> None:
@@ -110,7 +204,7 @@ def upsampled_conv_fwd(x: Tensor, kernels: Tensor, bias: Tensor | None, *, tf32:
     out_channels = kernels.shape[0] // 4
     out = torch.empty(batch, out_channels, 2 * height, 2 * width, device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
-    tiles = tiles or upsampled_conv_tiles(in_channels, out_channels, x.dtype)
+    tiles = tiles or conv_tiles(in_channels, out_channels, x.dtype)
     pixels = batch * height * width
     _upsampled_conv_fwd_kernel[(triton.cdiv(pixels, tiles.block_m), triton.cdiv(out_channels, tiles.block_n))](
         x, kernels, out if bias is None else bias, out, pixels, height, width, in_channels, out_channels,
@@ -119,6 +213,40 @@ def upsampled_conv_fwd(x: Tensor, kernels: Tensor, bias: Tensor | None, *, tf32:
         INPUT_PRECISION=("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **COMPILER_OPTIONS)
     return out
+
+
+def upsampled_conv_bwd(grad_y: Tensor, x: Tensor, kernels: Tensor, *, tf32: bool = False,
+                       tiles: ConvTiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_kernels, grad_bias)`` of :func:`upsampled_conv_fwd` for the output gradient
+    ``grad_y`` ``[B, Cout, 2 H, 2 W]`` (any strides); ``grad_x`` in channels_last, the replicate
+    padding's gradient added by address; ``grad_bias`` is the channel sum, bias or not."""
+    _check(x, kernels, None)
+    batch, in_channels, height, width = x.shape
+    out_channels = kernels.shape[0] // 4
+    if grad_y.shape != (batch, out_channels, 2 * height, 2 * width):
+        raise ValueError(f"grad_y must be [{batch}, {out_channels}, {2 * height}, {2 * width}], "
+                         f"got {tuple(grad_y.shape)}")
+    pixels = batch * height * width
+    precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
+    input_tiles = tiles or upsampled_input_gradient_tiles(out_channels, in_channels, x.dtype)
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+    _upsampled_conv_bwd_input_kernel[(triton.cdiv(pixels, input_tiles.block_m),
+                                      triton.cdiv(in_channels, input_tiles.block_n))](
+        grad_y, kernels, grad_x, pixels, height, width, in_channels, out_channels, *grad_y.stride(),
+        *kernels.stride(), *grad_x.stride(), BLOCK_M=input_tiles.block_m, BLOCK_N=input_tiles.block_n,
+        BLOCK_K=input_tiles.block_k, INPUT_PRECISION=precision, num_warps=input_tiles.num_warps,
+        num_stages=input_tiles.num_stages, **COMPILER_OPTIONS)
+    block_co, block_ci, block_m, splits, pixels_per_split = weight_gradient_split(pixels, out_channels, in_channels, 16)
+    partial = torch.empty(splits, 16, out_channels, in_channels, device=x.device, dtype=torch.float32)
+    _upsampled_conv_bwd_weight_kernel[(triton.cdiv(out_channels, block_co), triton.cdiv(in_channels, block_ci),
+                                       splits * 16)](
+        x, grad_y, partial, pixels, pixels_per_split, height, width, in_channels, out_channels, *x.stride(),
+        *grad_y.stride(), BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_CI=block_ci, INPUT_PRECISION=precision,
+        **COMPILER_OPTIONS)
+    grad_kernels = (partial.sum(0).view(4, 2, 2, out_channels, in_channels).permute(0, 3, 4, 1, 2)
+                    .reshape(4 * out_channels, in_channels, 2, 2))
+    return (grad_x, grad_kernels.to(kernels.dtype),
+            grad_y.sum((0, 2, 3), dtype=torch.float32).to(x.dtype))
 
 
 def _upsampled_conv_impl(x: Tensor, kernels: Tensor, bias: Tensor | None, tf32: bool) -> Tensor:
@@ -131,15 +259,40 @@ def _upsampled_conv_fake(x, kernels, bias, tf32):
                        memory_format=torch.channels_last)
 
 
-_upsampled_conv = FusedOp("upsampled_conv", _upsampled_conv_impl, _upsampled_conv_fake)
+def _upsampled_conv_backward_impl(grad_y: Tensor, x: Tensor, kernels: Tensor,
+                                  tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return upsampled_conv_bwd(grad_y, x, kernels, tf32=tf32)
+
+
+def _upsampled_conv_backward_fake(grad_y, x, kernels, tf32):
+    return (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(kernels),
+            kernels.new_empty(kernels.shape[0] // 4))
+
+
+_upsampled_conv_backward = FusedOp("upsampled_conv_backward", _upsampled_conv_backward_impl,
+                                   _upsampled_conv_backward_fake)
+
+
+def _upsampled_conv_setup(ctx, inputs, output):
+    x, kernels, bias, ctx.tf32 = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, kernels)
+
+
+def _upsampled_conv_grads(ctx, grad_y):
+    x, kernels = ctx.saved_tensors
+    grad_x, grad_kernels, grad_bias = _upsampled_conv_backward.op(grad_y, x, kernels, ctx.tf32)
+    return grad_x, grad_kernels, grad_bias if ctx.has_bias else None, None
+
+
+_upsampled_conv = FusedOp("upsampled_conv", _upsampled_conv_impl, _upsampled_conv_fake,
+                          backward=_upsampled_conv_grads, setup_context=_upsampled_conv_setup)
 
 
 def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None = None, *, tf32: bool = False) -> Tensor:
     """``conv2d(ReflPad(1)(Up2(x)), w, bias)`` from ``kernels = phase_kernels(w)``, in one launch,
-    without the upsampled or padded map: ``[B, Cout, 2 H, 2 W]`` in channels_last (Triton). No
-    gradient (use :func:`upsampled_conv_torch` where one is needed)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, kernels, bias)):
-        raise RuntimeError("upsampled_conv records no gradient; use upsampled_conv_torch where one is needed")
+    without the upsampled or padded map: ``[B, Cout, 2 H, 2 W]`` in channels_last (Triton), with
+    gradients for ``x``, ``kernels`` (and through :func:`phase_kernels`, ``w``) and ``bias``."""
     return _upsampled_conv(x, kernels, bias, tf32)
 
 

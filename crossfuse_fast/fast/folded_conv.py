@@ -29,10 +29,10 @@ class FoldedConvLayer:
     ``bn(conv(x)) = conv(x; w * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``
     while the norm uses its running statistics (eval mode, no gradient): the same function up to
     rounding. ``upsampled`` (a 3 x 3 layer padding one pixel) computes the convolution as four
-    phase convolutions (:mod:`crossfuse_fast.kernels.upsample_fold`). In inference, where
-    ``kernel_backend`` resolves to ``"triton"``, the Triton kernels run it (padding by address);
-    elsewhere PyTorch does. Calls in training mode or with gradients enabled use the layer's own
-    parameters and norm (in PyTorch), so gradients reach them as they are. The folded weights are
+    phase convolutions (:mod:`crossfuse_fast.kernels.upsample_fold`). Where ``kernel_backend``
+    resolves to ``"triton"`` the Triton kernels run the convolution (padding by address), elsewhere
+    PyTorch does. Calls in training mode or with gradients enabled use the layer's own parameters
+    and norm unfolded, so gradients reach them as they are. The folded weights are
     made again only when one they come from changes (:class:`.cache.Derived`).
     """
 
@@ -63,12 +63,14 @@ class FoldedConvLayer:
 
     def __call__(self, x: Tensor) -> Tensor:
         conv, norm = self.layer.conv2d
+        on_triton = resolve_kernel_backend(self.kernel_backend, x.device) == "triton"
         if norm.training or torch.is_grad_enabled():
             if self.upsampled:
-                return norm(upsampled_conv_torch(x, phase_kernels(conv.weight), conv.bias))
-            return self.layer(x)
+                upsampled = kernels.upsampled_conv if on_triton else upsampled_conv_torch
+                return norm(upsampled(x, phase_kernels(conv.weight), conv.bias))
+            return norm(kernels.conv2d(x, conv.weight, conv.bias)) if on_triton else self.layer(x)
         weight, bias = self._weights.get()
-        if resolve_kernel_backend(self.kernel_backend, x.device) == "triton":
+        if on_triton:
             return (kernels.upsampled_conv if self.upsampled else kernels.conv2d)(x, weight, bias)
         if self.upsampled:
             return upsampled_conv_torch(x, weight, bias)

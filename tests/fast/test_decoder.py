@@ -114,3 +114,28 @@ def test_triton_decoder_is_the_reference(model, poisoned_allocations):
         got = FastFusionDecoder(decoder, kernel_backend="triton")(*inputs)
     assert got.shape == exact.shape == (1, 1, 27, 33)
     assert_three_way(got, exact, plain, torch.float32)
+
+
+def test_triton_decoder_gradients_are_the_reference_ones(model):
+    """Training on the Triton kernels (interpreter): BatchNorm on the batch's statistics, the
+    convolutions and upsampling phases with their Triton backwards, the weighted sums passing the
+    gradient to the decoder's maps; every gradient (the decoder's parameters and the fused map)
+    within twice the reference's own fp32 error against fp64."""
+    decoder = copy.deepcopy(model.fusion.decoder_fusion).train()
+    exact = copy.deepcopy(decoder).double()
+    torch.manual_seed(13)
+    fused, ir_deep, vis_deep = (torch.randn(2, 128, 2, 3) for _ in range(3))
+    ir_shallow, vis_shallow = (torch.rand(2, 32, 16, 24) for _ in range(2))
+
+    def grads(network, module, dtype):
+        inputs = [x.to(dtype) for x in (fused, ir_deep, ir_shallow, vis_deep, vis_shallow)]
+        inputs[0].requires_grad_()
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        return torch.autograd.grad(network(*inputs).square().mean(), [inputs[0], *parameters])
+
+    want = grads(exact, exact, torch.float64)
+    plain = grads(decoder, decoder, torch.float32)
+    got = grads(FastFusionDecoder(decoder, kernel_backend="triton"), decoder, torch.float32)
+    scale = max(w.abs().max().item() for w in want)
+    for g, w, p in zip(got, want, plain):
+        assert (g.double() - w).abs().max().item() <= 2 * (p.double() - w).abs().max().item() + 1e-6 * scale

@@ -25,7 +25,8 @@ EXPECTED_KERNELS = {
     "_attention_bwd_dq_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_map_fwd_kernel",
     "_layer_norm_map_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_linear_gelu_kernel",
     "_conv2d_fwd_kernel", "_conv2d_pool_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel",
-    "_upsampled_conv_fwd_kernel", "_channel_sum_kernel", "_weighted_sum_kernel"}
+    "_upsampled_conv_fwd_kernel", "_upsampled_conv_bwd_input_kernel", "_upsampled_conv_bwd_weight_kernel",
+    "_channel_sum_kernel", "_weighted_sum_kernel"}
 MEASURED_SPILLS = {("_attention_fwd_kernel", "float32")}
 """Tiles chosen by timing on a GPU although Triton 3.9 spills registers there (bench/NOTES.md)."""
 

@@ -53,20 +53,42 @@ def test_upsampled_conv_kernel(poisoned_allocations, shape, out_channels, dtype)
         assert_three_way(got, exact, upsample_pad_conv(x, weight, bias), dtype)
 
 
-def test_upsampled_conv_records_no_gradient_and_names_bad_input():
-    x = torch.randn(1, 4, 3, 3, requires_grad=True)
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,out_channels", [((2, 5, 7, 9), 6), ((1, 3, 1, 1), 16), ((1, 4, 2, 1), 3),
+                                                ((1, 64, 3, 4), 32)],
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
+def test_upsampled_conv_gradients(poisoned_allocations, shape, out_channels, dtype):
+    """The gradients of x, of the 3 x 3 weight (through ``phase_kernels``) and of the bias, three-way
+    against fp64 and PyTorch's upsample + pad + conv in the same dtype; one-pixel maps, where every
+    read is clamped, included."""
+    torch.manual_seed(sum(shape) + out_channels)
+    inputs = [(torch.randn(*size, device=DEVICE) * scale).to(dtype).requires_grad_()
+              for size, scale in ((shape, 1.0), ((out_channels, shape[1], 3, 3), 1 / (3 * shape[1])),
+                                  ((out_channels,), 1.0))]
+    doubled = [t.detach().double().requires_grad_() for t in inputs]
+    got = kernels.upsampled_conv(inputs[0], phase_kernels(inputs[1]), inputs[2])
+    want, low = upsample_pad_conv(*doubled), upsample_pad_conv(*inputs)
+    upstream = torch.randn(got.shape, device=DEVICE)
+    grads = [torch.autograd.grad(out, wrt, upstream.to(out.dtype))
+             for out, wrt in ((got, inputs), (want, doubled), (low, inputs))]
+    for name, g, w, lp in zip(("x", "weight", "bias"), *grads):
+        assert g.shape == w.shape, name
+        assert_three_way(g, w, lp, dtype, floor_factor=5, name=name)
+
+
+def test_upsampled_conv_names_bad_input():
+    x = torch.randn(1, 4, 3, 3)
     kernels_ = phase_kernels(torch.randn(2, 4, 3, 3))
-    with pytest.raises(RuntimeError, match="records no gradient"):
-        kernels.upsampled_conv(x, kernels_)
-    with torch.no_grad(), pytest.raises(ValueError, match="phase_kernels of a 3 x 3 weight"):
+    with pytest.raises(ValueError, match="phase_kernels of a 3 x 3 weight"):
         kernels.upsampled_conv(x, torch.randn(2, 4, 3, 3))
-    with torch.no_grad(), pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
         kernels.upsampled_conv(x, kernels_, torch.randn(3))
 
 
 def test_opcheck():
     torch.manual_seed(3)
-    x = torch.randn(2, 4, 3, 5, device=DEVICE)
-    kernels_ = phase_kernels(torch.randn(6, 4, 3, 3, device=DEVICE))
-    torch.library.opcheck(torch.ops.crossfuse.upsampled_conv, (x, kernels_, torch.randn(6, device=DEVICE), False))
+    x = torch.randn(2, 4, 3, 5, device=DEVICE, requires_grad=True)
+    kernels_ = phase_kernels(torch.randn(6, 4, 3, 3, device=DEVICE)).requires_grad_()
+    bias = torch.randn(6, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.crossfuse.upsampled_conv, (x, kernels_, bias, False))
     torch.library.opcheck(torch.ops.crossfuse.upsampled_conv, (x, kernels_, None, False))
