@@ -171,7 +171,9 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
 
 
 def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
-    """The fusion decoder's weighted sums (deep: 128 channels, shallow: 32), on channels_last maps."""
+    """The fusion decoder's weighted sums (deep: 128 channels, shallow: 32), on channels_last maps,
+    and its final min-max stretch."""
+    from .minmax_stretch import minmax_to_255_fwd
     from .source_weighting import weighted_sum_fwd
 
     rows = []
@@ -181,6 +183,8 @@ def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resource
                     for _ in range(3)]
             with compile_only() as launches:
                 weighted_sum_fwd(*maps, 1.0, deep=deep)
+                if deep:
+                    minmax_to_255_fwd(maps[0][:, :1])
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
     return rows
 

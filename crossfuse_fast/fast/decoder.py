@@ -63,5 +63,10 @@ class FastFusionDecoder(nn.Module):
         return match_size(y, height, width)
 
     def output(self, y: Tensor) -> Tensor:
-        """``FusionDecoder.output`` with its BatchNorm folded in inference."""
-        return minmax_to_255(self._conv_last(y))
+        """``FusionDecoder.output`` with its BatchNorm folded in inference (and on the Triton kernels,
+        where the backend resolves to them and no gradient is recorded, the stretch too)."""
+        y = self._conv_last(y)
+        if (resolve_kernel_backend(self.kernel_backend, y.device) == "triton"
+                and not (torch.is_grad_enabled() and y.requires_grad)):
+            return kernels.minmax_to_255(y)
+        return minmax_to_255(y)

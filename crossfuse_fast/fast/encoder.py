@@ -13,6 +13,7 @@ from ..backends import DEFAULT_KERNEL_BACKEND, check_kernel_backend, resolve_ker
 from ..reference import AutoEncoder
 from ..reference.autoencoder import ConvLayer, DenseBlock, Encoder
 from .layout import image_layout
+from .reconstruction import decode_on_kernels
 
 
 def dense_block(block: DenseBlock, x: Tensor) -> Tensor:
@@ -153,6 +154,10 @@ class FastAutoEncoder(nn.Module):
         return shallow, x
 
     def decode(self, shallow: Tensor, deep: Tensor) -> Tensor:
+        """``AutoEncoder.decode``; on the Triton kernels where the backend resolves to them
+        (:func:`.reconstruction.decode_on_kernels`)."""
+        if resolve_kernel_backend(self.kernel_backend, deep.device) == "triton":
+            return decode_on_kernels(self.reference.recon_decoder1, shallow, deep) * 255.0
         return self.reference.decode(shallow, deep)
 
     def forward(self, images: Tensor) -> Tensor:
