@@ -1,6 +1,7 @@
 """``crossfuse_fast.fast.model``: the whole model on the fast path, and the weights it derives."""
 import copy
 
+import pytest
 import torch
 
 from crossfuse_fast import CrossFuse, fuse
@@ -31,3 +32,22 @@ def test_model_made_in_inference_mode(model):
         assert (box_changed - inference_model(ir, vis)).abs().max().item() < 1e-9  # the reference decoder
     assert (folded_changed - before).abs().max().item() > 1
     assert (box_changed - folded_changed).abs().max().item() > 1
+
+
+def test_a_pair_through_the_triton_kernels_only(model, monkeypatch):
+    """``FastCrossFuse(model, "triton")`` (interpreter): images to fused image on our kernels, with no
+    PyTorch convolution, attention, pooling or padding left (the GEMMs of the cross encoder's
+    projections stay cuBLAS's); within twice the fp32 reference's own error against float64, plus
+    1e-3 grey levels (as ``fuse(backend="fast")`` is held to)."""
+    generator = torch.Generator().manual_seed(23)
+    ir, vis = (torch.rand(1, 1, 16, 24, generator=generator) * 255 for _ in range(2))
+    exact = copy.deepcopy(model).double()(ir.double(), vis.double())
+    with torch.no_grad():
+        reference = model(ir, vis)
+        for name in ("conv2d", "scaled_dot_product_attention", "avg_pool2d", "max_pool2d", "pad", "layer_norm",
+                     "interpolate", "gelu"):
+            monkeypatch.setattr(torch.nn.functional, name, lambda *args, name=name, **kwargs: pytest.fail(
+                f"torch.nn.functional.{name} ran on the Triton path"))
+        got = FastCrossFuse(model, "triton")(ir, vis)
+    assert got.shape == (1, 1, 16, 24)
+    assert (got.double() - exact).abs().max().item() <= 2 * (reference.double() - exact).abs().max().item() + 1e-3
