@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from utils import assert_three_way
+from utils import DEVICE, assert_three_way
 
 from crossfuse_fast.fast import FastFusionDecoder, FastFusionNet, FoldedConvLayer
 from crossfuse_fast.fast import box_filter
@@ -103,10 +103,10 @@ def test_triton_decoder_is_the_reference(model, poisoned_allocations):
     """In inference on the Triton kernels (interpreter): the folded 3 x 3 and 1 x 1 convolutions and
     the upsampling phases, within twice the reference decoder's own fp32 error against fp64, on a
     size that needs the size adjust."""
-    decoder = model.fusion.decoder_fusion
+    decoder = copy.deepcopy(model.fusion.decoder_fusion).to(DEVICE)
     torch.manual_seed(12)
-    fused, ir_deep, vis_deep = (torch.randn(1, 128, 3, 4) for _ in range(3))
-    ir_shallow, vis_shallow = (torch.rand(1, 32, 27, 33) for _ in range(2))
+    fused, ir_deep, vis_deep = (torch.randn(1, 128, 3, 4, device=DEVICE) for _ in range(3))
+    ir_shallow, vis_shallow = (torch.rand(1, 32, 27, 33, device=DEVICE) for _ in range(2))
     inputs = (fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
     with torch.no_grad():
         exact = copy.deepcopy(decoder).double()(*(x.double() for x in inputs))
@@ -121,11 +121,11 @@ def test_triton_decoder_gradients_are_the_reference_ones(model):
     convolutions and upsampling phases with their Triton backwards, the weighted sums passing the
     gradient to the decoder's maps; every gradient (the decoder's parameters and the fused map)
     within twice the reference's own fp32 error against fp64."""
-    decoder = copy.deepcopy(model.fusion.decoder_fusion).train()
+    decoder = copy.deepcopy(model.fusion.decoder_fusion).train().to(DEVICE)
     exact = copy.deepcopy(decoder).double()
     torch.manual_seed(13)
-    fused, ir_deep, vis_deep = (torch.randn(2, 128, 2, 3) for _ in range(3))
-    ir_shallow, vis_shallow = (torch.rand(2, 32, 16, 24) for _ in range(2))
+    fused, ir_deep, vis_deep = (torch.randn(2, 128, 2, 3, device=DEVICE) for _ in range(3))
+    ir_shallow, vis_shallow = (torch.rand(2, 32, 16, 24, device=DEVICE) for _ in range(2))
 
     def grads(network, module, dtype):
         inputs = [x.to(dtype) for x in (fused, ir_deep, ir_shallow, vis_deep, vis_shallow)]

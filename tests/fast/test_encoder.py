@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from utils import assert_three_way
+from utils import DEVICE, assert_three_way
 
 from crossfuse_fast.fast import FastAutoEncoder
 from crossfuse_fast.reference import AutoEncoder
@@ -80,8 +80,8 @@ def test_triton_encoder_is_the_reference(poisoned_allocations, height, width):
     up to rounding, within twice the reference's own fp32 error against fp64, odd sizes and
     one-pixel deep maps included; every pixel of the buffers written."""
     torch.manual_seed(height + width)
-    autoencoder = AutoEncoder().eval()
-    images = torch.rand(2, 1, height, width) * 255
+    autoencoder = AutoEncoder().eval().to(DEVICE)
+    images = torch.rand(2, 1, height, width, device=DEVICE) * 255
     with torch.no_grad():
         exact = copy.deepcopy(autoencoder).double().encode(images.double())
         plain = autoencoder.encode(images)
@@ -95,9 +95,9 @@ def test_triton_encoder_gradients_are_the_reference_ones():
     """With gradients the Triton path concatenates its pieces: the autoencoder's own parameters get
     the reference's gradients (fp32 against fp64, within twice the reference's own error)."""
     torch.manual_seed(4)
-    autoencoder = AutoEncoder().train()
+    autoencoder = AutoEncoder().train().to(DEVICE)
     exact = copy.deepcopy(autoencoder).double()
-    images = torch.rand(2, 1, 16, 8) * 255
+    images = torch.rand(2, 1, 16, 8, device=DEVICE) * 255
 
     def grads(model, network, images):
         return torch.autograd.grad(network(images).square().mean(), list(model.parameters()))

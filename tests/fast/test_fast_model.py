@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from utils import DEVICE
 
 from crossfuse_fast import CrossFuse, fuse
 from crossfuse_fast.fast import FastCrossFuse
@@ -40,7 +41,8 @@ def test_a_pair_through_the_triton_kernels_only(model, monkeypatch):
     projections stay cuBLAS's); within twice the fp32 reference's own error against float64, plus
     1e-3 grey levels (as ``fuse(backend="fast")`` is held to)."""
     generator = torch.Generator().manual_seed(23)
-    ir, vis = (torch.rand(1, 1, 16, 24, generator=generator) * 255 for _ in range(2))
+    ir, vis = ((torch.rand(1, 1, 16, 24, generator=generator) * 255).to(DEVICE) for _ in range(2))
+    model = copy.deepcopy(model).to(DEVICE)
     exact = copy.deepcopy(model).double()(ir.double(), vis.double())
     with torch.no_grad():
         reference = model(ir, vis)

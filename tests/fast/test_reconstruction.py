@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from utils import assert_three_way
+from utils import DEVICE, assert_three_way
 
 from crossfuse_fast.fast import FastAutoEncoder
 from crossfuse_fast.reference import AutoEncoder
@@ -16,8 +16,8 @@ def test_triton_autoencoder_reconstructs_as_the_reference(poisoned_allocations, 
     last one before the shallow map is added run as it is, the size adjust on odd sizes): within
     twice the reference's own fp32 error against fp64."""
     torch.manual_seed(height * width)
-    autoencoder = AutoEncoder().eval()
-    images = torch.rand(2, 1, height, width) * 255
+    autoencoder = AutoEncoder().eval().to(DEVICE)
+    images = torch.rand(2, 1, height, width, device=DEVICE) * 255
     with torch.no_grad():
         exact = copy.deepcopy(autoencoder).double()(images.double())
         plain = autoencoder(images)
@@ -30,9 +30,9 @@ def test_triton_autoencoder_trains_as_the_reference():
     """Stage 1 on the kernels: every parameter's gradient of a reconstruction loss within twice the
     reference's own fp32 error against fp64."""
     torch.manual_seed(5)
-    autoencoder = AutoEncoder().train()
+    autoencoder = AutoEncoder().train().to(DEVICE)
     exact = copy.deepcopy(autoencoder).double()
-    images = torch.rand(2, 1, 16, 8) * 255
+    images = torch.rand(2, 1, 16, 8, device=DEVICE) * 255
 
     def grads(model, network, images):
         return torch.autograd.grad((network(images) - images).square().mean(), list(model.parameters()))
