@@ -22,6 +22,7 @@ setup(
         "einops",
         "opencv-python-headless",
         "safetensors",
+        "tqdm",
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "matplotlib"]},
     entry_points={"console_scripts": ["crossfuse = crossfuse_fast.cli:main"]},

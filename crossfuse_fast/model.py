@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import check_state_dict, load_into, read_tensors, save_tensors
+from .checkpoints import CheckpointError, check_state_dict, load_into, read_tensors, save_tensors
 from .reference import AutoEncoder, FusionNet
 
 BUNDLE_FORMAT = "crossfuse-fast/1"
@@ -32,6 +32,34 @@ class CrossFuse(nn.Module):
         ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
         return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
+
+    @classmethod
+    def pretrained(cls, weights_dir: str | os.PathLike | None = None, *, progress: bool = True) -> CrossFuse:
+        """The authors' released weights, fetched into ``weights_dir`` (default: the cache folder of
+        :mod:`crossfuse_fast.weights`) on first use and verified by their git blob ids, then loaded
+        as :meth:`from_original` does. Raises :class:`~crossfuse_fast.weights.WeightsError` saying how
+        to place the files by hand where they cannot be fetched."""
+        from .weights import released_files
+        return cls.from_original(**released_files(weights_dir, progress=progress))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> CrossFuse:
+        """The released weights from a folder that holds the three files under their released names
+        (no download), or a bundle written by :meth:`save`. A missing file raises
+        :class:`~crossfuse_fast.CheckpointError` naming the name expected in that folder."""
+        from .weights import RELEASED
+        path = Path(path)
+        if path.is_file():
+            return cls.load(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such folder or bundle (expected the released weights' folder)")
+        files = {released.part: path / released.name for released in RELEASED}
+        for released in RELEASED:
+            if not files[released.part].is_file():
+                raise CheckpointError(f"{files[released.part]}: missing; the folder must hold the released "
+                                      f"{released.part.replace('_', ' ')} as {released.name} ({released.path} of "
+                                      "the CrossFuse repository)")
+        return cls.from_original(**files)
 
     @classmethod
     def from_original(cls, *, ir_autoencoder: str | os.PathLike, vis_autoencoder: str | os.PathLike,
