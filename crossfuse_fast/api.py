@@ -1,13 +1,16 @@
 """``fuse()``: the drop-in call that fuses infrared/visible pairs, from tensors or images."""
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from .backends import DEFAULT_BACKEND, check_backend, fast_crossfuse
+from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_crossfuse, resolve_backend
 from .model import CrossFuse
 
 UINT16_SCALINGS = ("minmax", "full")
@@ -16,7 +19,11 @@ MIN_SIDE = 8
 """Smallest image side: three 2 x 2 poolings must leave at least one deep pixel."""
 
 
-def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = DEFAULT_BACKEND,
+RELEASED = "released"
+"""``fuse(model=...)``'s name for the authors' released weights (:meth:`CrossFuse.pretrained`)."""
+
+
+def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: str = DEFAULT_BACKEND,
          uint16_scaling: str = DEFAULT_UINT16_SCALING):
     """Fuse infrared and visible images with CrossFuse.
 
@@ -35,31 +42,52 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike, backend: str = DEFAUL
       stretches each image's own range linearly, as thermal cameras' raw counts rarely fill
       16 bits; ``"full"`` divides by 257 (65535 -> 255).
 
-    ``backend="reference"`` runs the reference model; ``"fast"`` runs the same weights on the
-    fast path (:class:`crossfuse_fast.fast.FastCrossFuse`, docs/fast-path.md), with the same
-    result up to float rounding (docs/model.md#numerics-of-the-deep-weighting). It needs Triton
-    installed, and says so in a ``ValueError`` where it is not. Its network is made once per model
-    and reused by later calls (what it derives from the weights is derived again when one
-    changes; a replaced module makes a new network).
+    ``backend="auto"`` (default) runs the fast path where Triton is installed and the reference
+    model elsewhere (with a ``RuntimeWarning`` saying so); ``"fast"`` asks for the fast path
+    (:class:`crossfuse_fast.fast.FastCrossFuse`, docs/fast-path.md), the same result up to float
+    rounding (docs/model.md#numerics-of-the-deep-weighting), and raises ``ValueError`` where
+    Triton is missing; ``"reference"`` runs the reference model. The fast network is made once
+    per model and reused by later calls (what it derives from the weights is derived again when
+    one changes; a replaced module makes a new network).
 
-    ``model`` is a :class:`CrossFuse` (``CrossFuse.from_original(...)`` for the released
-    weights) or the path of a file written by ``CrossFuse.save``. It runs in eval mode;
-    its own mode is restored afterwards. Mismatched sizes, wrong dtypes or shapes, NaN or
-    infinite values and images under 8 x 8 raise ``ValueError`` naming the problem.
+    ``model`` is ``"released"`` (default: the authors' weights, fetched and verified on first use
+    by :meth:`CrossFuse.pretrained`, then kept for later calls; they run on the input tensors'
+    device, the CPU for numpy images), a :class:`CrossFuse` (run on its own device), or the path
+    of a bundle written by ``CrossFuse.save`` or of a folder holding the three released files. It
+    runs in eval mode; its own mode is restored afterwards. Mismatched sizes, wrong dtypes or
+    shapes, NaN or infinite values and images under 8 x 8 raise ``ValueError`` naming the problem.
     """
-    check_backend(backend)
+    resolved = resolve_backend(backend)
+    if backend == "auto" and resolved == "reference":
+        warnings.warn(NO_TRITON_NOTICE, RuntimeWarning, stacklevel=2)
+    backend = resolved
     if uint16_scaling not in UINT16_SCALINGS:
         raise ValueError(f"unknown uint16_scaling {uint16_scaling!r}; use one of {', '.join(UINT16_SCALINGS)}")
-    if isinstance(model, (str, os.PathLike)):
-        model = CrossFuse.load(model)
+    if isinstance(model, str) and model == RELEASED:
+        device = ir.device if isinstance(ir, torch.Tensor) else torch.device("cpu")
+        model = released_model(device)
+    elif isinstance(model, (str, os.PathLike)):
+        model = CrossFuse.from_dir(model)
     if not isinstance(model, CrossFuse):
-        raise ValueError(f"model must be a CrossFuse or the path of a saved one, not {type(model).__name__}")
+        raise ValueError("model must be 'released', a CrossFuse, or the path of a saved one or of the released "
+                         f"weights' folder, not {type(model).__name__}")
     if isinstance(ir, torch.Tensor) and isinstance(vis, torch.Tensor):
         return _fuse_tensors(ir, vis, model, backend)
     if isinstance(ir, np.ndarray) and isinstance(vis, np.ndarray):
         return _fuse_images(ir, vis, model, uint16_scaling, backend)
     raise ValueError("ir and vis must both be torch tensors or both numpy arrays, "
                      f"not {type(ir).__name__} and {type(vis).__name__}")
+
+
+def released_model(device: torch.device | str = "cpu") -> CrossFuse:
+    """The released weights on ``device``, loaded once per cache folder and device and kept."""
+    from .weights import default_weights_dir
+    return _released_model(str(default_weights_dir().resolve()), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=4)
+def _released_model(weights_dir: str, device: str) -> CrossFuse:
+    return CrossFuse.pretrained(Path(weights_dir)).to(device)
 
 
 def _check_tensor(name: str, x: torch.Tensor) -> None:

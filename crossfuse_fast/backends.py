@@ -4,7 +4,8 @@ Two choices, one after the other:
 
 - ``backend`` (:data:`BACKENDS`), what ``fuse``, ``train_autoencoder``, ``train_fusion`` and the
   command line take: ``"reference"`` runs the reference model, ``"fast"`` the same weights on
-  the fast path (:mod:`crossfuse_fast.fast`, docs/fast-path.md).
+  the fast path (:mod:`crossfuse_fast.fast`, docs/fast-path.md), ``"auto"`` (the default) the
+  fast path where Triton is installed and the reference, with a notice, where it is not.
 - ``kernel_backend`` (:data:`KERNEL_BACKENDS`), what the fast path's fused ops run on:
   ``"triton"`` the Triton kernels (a GPU, or ``TRITON_INTERPRET=1`` on a CPU), ``"torch"`` their
   PyTorch twins, ``"auto"`` (the default) the kernels on a GPU and the twins elsewhere.
@@ -22,8 +23,10 @@ from torch import nn
 from .model import CrossFuse
 from .reference import AutoEncoder, FusionNet
 
-BACKENDS = ("reference", "fast")
-DEFAULT_BACKEND = "reference"
+BACKENDS = ("auto", "reference", "fast")
+DEFAULT_BACKEND = "auto"
+NO_TRITON_NOTICE = ("Triton is not installed, so the reference model runs (pip install triton, on Linux, for the "
+                    "fast path; the same result up to rounding)")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 DEFAULT_KERNEL_BACKEND = "auto"
 
@@ -32,6 +35,24 @@ def check_backend(backend: str) -> None:
     """Raise ``ValueError`` naming the choices unless ``backend`` is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+
+
+def fast_available() -> bool:
+    """Whether the fast path can run here (Triton imports)."""
+    try:
+        import triton  # noqa: F401  (the fast path's kernels, and their CPU twins beside them)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """``"reference"`` or ``"fast"``: ``"auto"`` is the fast path where Triton is installed
+    (:data:`NO_TRITON_NOTICE` says what happens elsewhere; callers show it)."""
+    check_backend(backend)
+    if backend == "auto":
+        return "fast" if fast_available() else "reference"
+    return backend
 
 
 def check_kernel_backend(kernel_backend: str) -> None:
@@ -79,10 +100,8 @@ def fast_crossfuse(model: CrossFuse) -> nn.Module:
 
 
 def _fast_module() -> ModuleType:
-    try:
-        import triton  # noqa: F401  (the fast path's kernels, and their CPU twins beside them)
-    except ImportError as error:
+    if not fast_available():
         raise ValueError("backend 'fast' needs Triton, which is not installed here (pip install triton, on "
-                         "Linux); backend 'reference' runs without it") from error
+                         "Linux); backend 'reference' runs without it")
     from . import fast
     return fast

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -43,14 +44,19 @@ def read_tensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (expected {what})")
     try:
-        if path.suffix == SAFETENSORS_SUFFIX:
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            if path.suffix == SAFETENSORS_SUFFIX:
+                state = load_file(str(path), device="cpu")
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged pickle can fail with almost any exception type
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(f"{path}: not a readable checkpoint (expected {what}): "
-                              f"{type(error).__name__}: {first_line}") from error
+        if "weights only load failed" in str(error).lower():  # torch's advice to unpickle anyway is not ours
+            detail = "it holds Python objects other than tensors, which are never unpickled here"
+        else:
+            detail = f"not a PyTorch state dict or safetensors file ({type(error).__name__}: {first_line})"
+        raise CheckpointError(f"{path}: not a readable checkpoint (expected {what}): {detail}") from error
     if not isinstance(state, Mapping) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors "

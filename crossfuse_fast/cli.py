@@ -2,7 +2,8 @@
 
 Errors a user can fix (missing files, wrong checkpoints, bad images, outputs that exist) are
 printed as one line and exit with status 2; outputs are never overwritten without
-``--overwrite``.
+``--overwrite``. ``crossfuse fuse`` runs the authors' released weights unless told otherwise,
+fetching them on first use (:mod:`crossfuse_fast.weights`).
 """
 from __future__ import annotations
 
@@ -13,25 +14,64 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import __version__
 from .api import DEFAULT_UINT16_SCALING, UINT16_SCALINGS
-from .backends import BACKENDS, DEFAULT_BACKEND
+from .backends import BACKENDS, DEFAULT_BACKEND, NO_TRITON_NOTICE, resolve_backend
 from .checkpoints import load_into
 from .data import IMAGE_SUFFIXES, ImageFolder, PairedFolders, SyntheticPairs
 from .reference import AutoEncoder
+from .weights import default_weights_dir
 
-
-BACKEND_HELP = ("reference: the reference model; fast: the same weights on the fast path (needs Triton; its fused "
+DESCRIPTION = "Fuse infrared and visible images with CrossFuse, train both of its stages, write synthetic pairs."
+BACKEND_HELP = ("auto: the fast path where Triton is installed, else the reference model (with a notice); "
+                "reference: the reference model; fast: the same weights on the fast path (needs Triton; its fused "
                 "ops run as Triton kernels on a GPU, as their PyTorch twins on a CPU), the same result up to rounding")
+DEVICE_HELP = "the torch device to run on: cpu, cuda, cuda:1, ..."
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not for flags and options that are off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _load_model(args: argparse.Namespace):
     from .model import CrossFuse
+    three = (args.ir_autoencoder, args.vis_autoencoder, args.fusion)
+    sources = [flag for flag, given in (("--checkpoint", args.checkpoint), ("--weights", args.weights),
+                                        ("--ir-autoencoder/--vis-autoencoder/--fusion", any(three))) if given]
+    if len(sources) > 1:
+        raise ValueError(f"give one source of weights, not {' and '.join(sources)}")
     if args.checkpoint:
         return CrossFuse.load(args.checkpoint)
-    if not (args.ir_autoencoder and args.vis_autoencoder and args.fusion):
-        raise ValueError("give --checkpoint, or all three of --ir-autoencoder, --vis-autoencoder and --fusion")
-    return CrossFuse.from_original(ir_autoencoder=args.ir_autoencoder, vis_autoencoder=args.vis_autoencoder,
-                                   fusion=args.fusion)
+    if any(three):
+        if not all(three):
+            raise ValueError("give all three of --ir-autoencoder, --vis-autoencoder and --fusion")
+        return CrossFuse.from_original(ir_autoencoder=args.ir_autoencoder, vis_autoencoder=args.vis_autoencoder,
+                                       fusion=args.fusion)
+    if args.weights:
+        return CrossFuse.from_dir(args.weights)
+    return CrossFuse.pretrained(args.weights_dir)
+
+
+def _backend(args: argparse.Namespace) -> str:
+    backend = resolve_backend(args.backend)
+    if args.backend == "auto" and backend == "reference":
+        print(f"crossfuse {args.command}: {NO_TRITON_NOTICE}", file=sys.stderr)
+    return backend
 
 
 def _read_image(path: Path):
@@ -62,10 +102,11 @@ def _command_fuse(args: argparse.Namespace) -> None:
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} output(s) would be replaced); "
                               "pass --overwrite to replace")
+    backend = _backend(args)
     model = _load_model(args).to(args.device)
     for ir_path, vis_path, out in jobs:
         fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model, uint16_scaling=args.uint16_scaling,
-                     backend=args.backend)
+                     backend=backend)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(out), fused):
             raise ValueError(f"{out}: could not be written")
@@ -77,7 +118,7 @@ def _command_train_autoencoder(args: argparse.Namespace) -> None:
     dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
                if args.synthetic else ImageFolder(args.images, args.size))
     train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      device=args.device, max_steps=args.max_steps, overwrite=args.overwrite, backend=args.backend)
+                      device=args.device, max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args))
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
@@ -88,7 +129,7 @@ def _command_train_fusion(args: argparse.Namespace) -> None:
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
     train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=args.device, max_steps=args.max_steps,
-                 overwrite=args.overwrite, backend=args.backend)
+                 overwrite=args.overwrite, backend=_backend(args))
 
 
 def _command_synthetic(args: argparse.Namespace) -> None:
@@ -108,61 +149,82 @@ def _command_synthetic(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crossfuse", description=__doc__.splitlines()[0])
+    formatter = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="crossfuse", description=DESCRIPTION, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"crossfuse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fuse = commands.add_parser("fuse", help="fuse an infrared/visible pair, or two folders of pairs")
+    fuse = commands.add_parser("fuse", help="fuse an infrared/visible pair, or two folders of pairs",
+                               description="Fuse an infrared/visible pair, or two folders of pairs, with the "
+                               "authors' released weights (fetched on first use) or the weights given.",
+                               formatter_class=formatter)
     fuse.add_argument("--ir", required=True, help="infrared image, or folder of them")
     fuse.add_argument("--vis", required=True, help="visible image (grey or colour), or folder paired by name")
     fuse.add_argument("--out", required=True, help="output image, or folder for folder inputs (PNG names)")
-    fuse.add_argument("--ir-autoencoder", help="released infrared autoencoder .model file")
-    fuse.add_argument("--vis-autoencoder", help="released visible autoencoder .model file")
-    fuse.add_argument("--fusion", help="released fusion network .model file")
-    fuse.add_argument("--checkpoint", help="a CrossFuse bundle written by CrossFuse.save (instead of the three)")
+    weights = fuse.add_argument_group("weights", "the released weights unless one of these is given")
+    weights.add_argument("--weights", metavar="PATH", help="a folder holding the three released files under "
+                         "their names, or a bundle written by CrossFuse.save (nothing is downloaded)")
+    weights.add_argument("--weights-dir", metavar="DIR", default=str(default_weights_dir()),
+                         help="where the released weights are fetched to and kept ($CROSSFUSE_WEIGHTS_DIR)")
+    weights.add_argument("--checkpoint", metavar="FILE", help="a bundle written by CrossFuse.save")
+    weights.add_argument("--ir-autoencoder", metavar="FILE", help="an infrared autoencoder .model file")
+    weights.add_argument("--vis-autoencoder", metavar="FILE", help="a visible autoencoder .model file")
+    weights.add_argument("--fusion", metavar="FILE", help="a fusion network .model file")
     fuse.add_argument("--uint16-scaling", choices=UINT16_SCALINGS, default=DEFAULT_UINT16_SCALING,
-                      help="how 16-bit images map to 0..255 (default: each image's own range)")
-    fuse.add_argument("--device", default="cpu")
+                      help="how 16-bit images map to 0..255: minmax stretches each image's own range, full "
+                      "divides by 257")
+    fuse.add_argument("--device", default="cpu", help=DEVICE_HELP)
     fuse.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=BACKEND_HELP)
     fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     fuse.set_defaults(run=_command_fuse)
 
     for name, helptext in (("train-autoencoder", "stage 1: train one modality's autoencoder"),
                            ("train-fusion", "stage 2: train the fusion network on frozen encoders")):
-        sub = commands.add_parser(name, help=helptext)
+        sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".",
+                                  formatter_class=formatter)
         stage1 = name == "train-autoencoder"
         if stage1:
             sub.add_argument("--images", help="folder of training images of one modality")
-            sub.add_argument("--synthetic-modality", choices=("ir", "vis"), default="ir")
+            sub.add_argument("--synthetic-modality", choices=("ir", "vis"),
+                             help="with --synthetic: which modality's images to generate (required there)")
         else:
             sub.add_argument("--ir", help="folder of infrared training images")
             sub.add_argument("--vis", help="folder of visible training images, paired by file name")
             sub.add_argument("--ir-autoencoder", required=True, help="stage-1 infrared autoencoder file")
             sub.add_argument("--vis-autoencoder", required=True, help="stage-1 visible autoencoder file")
         sub.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=BACKEND_HELP)
-        sub.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N synthetic images/pairs")
+        sub.add_argument("--synthetic", type=_positive, metavar="N",
+                         help="train on N synthetic images/pairs instead of folders")
         sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
-        sub.add_argument("--epochs", type=int, default=4 if stage1 else 32)
-        sub.add_argument("--batch-size", type=int, default=2 if stage1 else 8)
-        sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3)
-        sub.add_argument("--size", type=int, default=256, help="training images are resized to SIZE x SIZE")
-        sub.add_argument("--max-steps", type=int, help="cap the batches per epoch (smoke runs)")
-        sub.add_argument("--device", default="cpu")
+        sub.add_argument("--epochs", type=_positive, default=4 if stage1 else 32, help="passes over the data")
+        sub.add_argument("--batch-size", type=_positive, default=2 if stage1 else 8, help="images per step")
+        sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3,
+                         help="Adam's learning rate (x 0.1 from the third epoch on)")
+        sub.add_argument("--size", type=_positive, default=256, help="training images are resized to SIZE x SIZE")
+        sub.add_argument("--max-steps", type=_positive, help="cap the batches per epoch (smoke runs)")
+        sub.add_argument("--device", default="cpu", help=DEVICE_HELP)
         sub.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
         sub.set_defaults(run=_command_train_autoencoder if stage1 else _command_train_fusion)
 
-    synthetic = commands.add_parser("synthetic", help="write synthetic pairs to OUT/ir and OUT/vis")
-    synthetic.add_argument("--out", required=True)
-    synthetic.add_argument("--count", type=int, default=8)
-    synthetic.add_argument("--height", type=int, default=256)
-    synthetic.add_argument("--width", type=int, default=256)
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--overwrite", action="store_true")
+    synthetic = commands.add_parser("synthetic", help="write synthetic pairs to OUT/ir and OUT/vis",
+                                    description="Write synthetic infrared/visible pairs (PNG) to OUT/ir and OUT/vis.",
+                                    formatter_class=formatter)
+    synthetic.add_argument("--out", required=True, help="folder to write ir/ and vis/ into")
+    synthetic.add_argument("--count", type=_positive, default=8, help="how many pairs")
+    synthetic.add_argument("--height", type=_positive, default=256, help="image height in pixels")
+    synthetic.add_argument("--width", type=_positive, default=256, help="image width in pixels")
+    synthetic.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same pairs)")
+    synthetic.add_argument("--overwrite", action="store_true", help="replace existing files")
     synthetic.set_defaults(run=_command_synthetic)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train-autoencoder" and args.synthetic and not args.synthetic_modality:
+        print("crossfuse train-autoencoder: give --synthetic-modality ir or vis with --synthetic (which modality's "
+              "images to generate)", file=sys.stderr)
+        return 2
     if args.command.startswith("train-") and not args.synthetic:
         missing = ["--images"] if args.command == "train-autoencoder" and not args.images else []
         if args.command == "train-fusion":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import DEFAULT_BACKEND, check_backend, fast_autoencoder, fast_fusion_net
+from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_autoencoder, fast_fusion_net, resolve_backend
 from .checkpoints import save_tensors
 from .losses import autoencoder_loss, fusion_loss
 from .reference import AutoEncoder, FusionNet
@@ -26,6 +26,13 @@ def _adam_with_step_decay(parameters, lr: float, weight_decay: float, decay_from
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: decay if epoch + 1 >= decay_from_epoch else 1.0)
     return optimizer, scheduler
+
+
+def _resolved(backend: str, log: Callable[[str], None]) -> str:
+    resolved = resolve_backend(backend)
+    if backend == "auto" and resolved == "reference":
+        log(NO_TRITON_NOTICE)
+    return resolved
 
 
 def _checkpoint_paths(out_dir: str | os.PathLike, stem: str, epochs: int, overwrite: bool) -> list[Path]:
@@ -65,10 +72,11 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
 
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
     learning rate x 0.1 from the third epoch on. ``max_steps`` caps the batches per epoch.
-    ``backend="fast"`` trains the same parameters through the fast path's autoencoder
+    ``backend`` is as in :func:`crossfuse_fast.fuse` (``"auto"``: the fast path where Triton is
+    installed); the fast path trains the same parameters through its autoencoder
     (:class:`crossfuse_fast.fast.FastAutoEncoder`, docs/fast-path.md).
     """
-    check_backend(backend)
+    backend = _resolved(backend, log)
     paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
     torch.manual_seed(seed)
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
@@ -91,11 +99,12 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     The encoders stay frozen; only the fusion network's trainable parameters are optimised.
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
-    ``backend="fast"`` trains the same parameters through the fast path
-    (:class:`crossfuse_fast.fast.FastFusionNet` on the frozen encoders'
-    :class:`crossfuse_fast.fast.FastAutoEncoder`, docs/fast-path.md).
+    ``backend`` is as in :func:`crossfuse_fast.fuse` (``"auto"``: the fast path where Triton is
+    installed); the fast path trains the same parameters through
+    :class:`crossfuse_fast.fast.FastFusionNet` on the frozen encoders'
+    :class:`crossfuse_fast.fast.FastAutoEncoder` (docs/fast-path.md).
     """
-    check_backend(backend)
+    backend = _resolved(backend, log)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
     torch.manual_seed(seed)
     for encoder in (ir_autoencoder, vis_autoencoder):

@@ -1,5 +1,9 @@
-"""Shared fixtures. The suite needs neither ../shared nor a GPU: pairs are synthetic."""
+"""Shared fixtures. The suite needs neither ../shared nor a GPU: pairs are synthetic, and the
+released weights are served by a local HTTP server (:class:`Server`) where a test needs them."""
+import hashlib
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +70,42 @@ def fast_dense_block_calls(monkeypatch) -> list:
     """One entry per dense block run by ``FastAutoEncoder`` (the encoders of ``backend="fast"``)."""
     from crossfuse_fast.fast import encoder
     return _count_calls(monkeypatch, encoder, "dense_block")
+
+
+def blob_id(data: bytes) -> str:
+    """The git blob id of ``data``."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class Server:
+    """Serves ``files`` (``{url path: bytes}``) on 127.0.0.1; ``truncate`` cuts every body in half
+    after announcing its whole length; ``requests`` lists the paths asked for."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.truncate, self.requests = files, False, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.files.get(self.path.lstrip("/"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if server.truncate else body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()

@@ -7,8 +7,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import Server, blob_id
 
+from crossfuse_fast import weights as weights_module
 from crossfuse_fast.cli import main
+from crossfuse_fast.weights import ReleasedFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +92,9 @@ def test_fuse_folders(trained):
 @pytest.mark.parametrize("change,message", [
     (lambda a, root: a[:a.index("--fusion")] + ["--fusion", str(root / "ir/autoencoder_epoch1.model")],
      "not a fusion network checkpoint"),
-    (lambda a, root: a[:a.index("--fusion")], "give --checkpoint, or all three"),
+    (lambda a, root: a[:a.index("--fusion")], "give all three of --ir-autoencoder, --vis-autoencoder and --fusion"),
+    (lambda a, root: a + ["--weights", str(root)], "give one source of weights"),
+    (lambda a, root: a[:7] + ["--weights", str(root)], "auto_encoder_epoch_4_ir.model: missing; the folder must hold"),
     (lambda a, root: ["fuse", "--ir", "missing.png"] + a[3:], "missing.png: no such file"),
 ])
 def test_fuse_errors_are_one_line(trained, capsys, change, message):
@@ -104,6 +109,78 @@ def test_fuse_errors_are_one_line(trained, capsys, change, message):
 def test_train_needs_data(capsys):
     assert main(["train-autoencoder", "--out", "unused"]) == 2
     assert "give --images, or --synthetic N" in capsys.readouterr().err
+    assert main(["train-autoencoder", "--synthetic", "2", "--out", "unused"]) == 2
+    assert "give --synthetic-modality ir or vis with --synthetic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--max-steps", "--batch-size", "--synthetic"])
+def test_counts_below_one_are_refused(capsys, option):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-autoencoder", "--synthetic", "2", "--synthetic-modality", "ir", "--out", "unused", option, "0"])
+    assert exit_.value.code == 2
+    assert f"{option}: must be a whole number of at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == "crossfuse 0.1.0"
+    for command in ("fuse", "train-autoencoder", "train-fusion", "synthetic"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "``" not in text and "(default: None)" not in text
+    assert "(default: 4)" in text or command == "synthetic"
+
+
+def _released_like(root: Path) -> tuple[list[ReleasedFile], dict[str, bytes]]:
+    """A manifest and the files to serve: the trained checkpoints under the released paths."""
+    sources = [root / "ir" / "autoencoder_epoch1.model", root / "vis" / "autoencoder_epoch1.model",
+               root / "fusion" / "fusion_epoch1.model"]
+    return [ReleasedFile(f.part, f.path, blob_id(source.read_bytes()))
+            for f, source in zip(weights_module.RELEASED, sources)], {
+        f.path: source.read_bytes() for f, source in zip(weights_module.RELEASED, sources)}
+
+
+def test_fuse_on_the_released_weights_fetches_them_once(trained, monkeypatch, tmp_path, capsys):
+    """The README's main command, with no weights named: the released files come from the (here:
+    local) server into the cache folder, and a second run asks nothing."""
+    manifest, payloads = _released_like(trained)
+    server = Server(payloads)
+    try:
+        monkeypatch.setattr(weights_module, "RELEASED", tuple(manifest))
+        monkeypatch.setenv("CROSSFUSE_WEIGHTS_URL", server.url)
+        pair = ["--ir", str(trained / "pairs/ir/0000.png"), "--vis", str(trained / "pairs/vis/0000.png")]
+        cache = tmp_path / "cache"
+        assert main(["fuse", *pair, "--out", str(tmp_path / "a.png"), "--weights-dir", str(cache)]) == 0
+        assert len(server.requests) == 3 and sorted(p.name for p in cache.iterdir()) == sorted(f.name for f in manifest)
+        assert main(["fuse", *pair, "--out", str(tmp_path / "b.png"), "--weights-dir", str(cache)]) == 0
+        assert len(server.requests) == 3
+        named = ["--ir-autoencoder", str(cache / manifest[0].name), "--vis-autoencoder", str(cache / manifest[1].name),
+                 "--fusion", str(cache / manifest[2].name)]
+        assert main(["fuse", *pair, "--out", str(tmp_path / "c.png"), *named]) == 0
+        assert main(["fuse", *pair, "--out", str(tmp_path / "d.png"), "--weights", str(cache)]) == 0
+        images = [cv2.imread(str(tmp_path / f"{name}.png"), cv2.IMREAD_UNCHANGED) for name in "abcd"]
+        assert all(np.array_equal(images[0], image) for image in images[1:])
+        server.close()
+        capsys.readouterr()
+        assert main(["fuse", *pair, "--out", str(tmp_path / "e.png"), "--weights-dir", str(tmp_path / "empty")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "could not fetch the released CrossFuse weights" in error
+        assert "by hand" in error and str(tmp_path / "empty") in error
+    finally:
+        server.close()
+
+
+def test_auto_backend_without_triton_is_the_reference_with_a_notice(trained, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "triton", None)  # ``import triton`` now fails
+    pair = ["--ir", str(trained / "pairs/ir/0000.png"), "--vis", str(trained / "pairs/vis/0000.png")]
+    assert main(["fuse", *pair, "--out", str(tmp_path / "auto.png"), *weights(trained)]) == 0
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Triton is not installed, so the reference model runs" in error
+    assert main(["fuse", *pair, "--out", str(tmp_path / "reference.png"), "--backend", "reference",
+                 *weights(trained)]) == 0
+    assert np.array_equal(cv2.imread(str(tmp_path / "auto.png")), cv2.imread(str(tmp_path / "reference.png")))
 
 
 def test_module_entry_point_runs():

@@ -69,8 +69,8 @@ def test_fast_backend_is_the_reference_up_to_rounding(model, shape):
     levels. Padded windows (64 x 80, 300 x 410), batch 2, and a one-pixel deep map (8 x 8)."""
     torch.manual_seed(sum(shape))
     ir, vis = torch.rand(shape) * 255, torch.rand(shape) * 255
-    exact = fuse(ir.double(), vis.double(), model=copy.deepcopy(model).double())
-    reference_error = (fuse(ir, vis, model=model) - exact).abs().max().item()
+    exact = fuse(ir.double(), vis.double(), model=copy.deepcopy(model).double(), backend="reference")
+    reference_error = (fuse(ir, vis, model=model, backend="reference") - exact).abs().max().item()
     fast = fuse(ir, vis, model=model, backend="fast")
     assert fast.dtype == torch.float32 and fast.shape == shape
     assert (fast - exact).abs().max().item() <= 2 * reference_error + 1e-3
@@ -80,7 +80,7 @@ def test_fast_backend_runs_the_fast_fusion_network(model, fast_fusion_calls, fas
     """The parity tests above would also pass if ``backend="fast"`` ran the reference: check it does not."""
     calls = fast_fusion_calls
     ir, vis = torch.rand(2, 1, 16, 16) * 255, torch.rand(2, 1, 16, 16) * 255
-    fuse(ir, vis, model=model)
+    fuse(ir, vis, model=model, backend="reference")
     assert not calls and not fast_dense_block_calls
     fuse(ir, vis, model=model, backend="fast")
     assert len(calls) == 2  # a CPU runs the batch's images one at a time
@@ -105,13 +105,13 @@ def test_fast_backend_reuses_its_network(model, monkeypatch):
         mine.fusion.decoder_fusion.conv_block[0].conv2d[1].running_var[3].mul_(4)
     changed = fuse(ir, vis, model=mine, backend="fast")
     assert len(made) == 1 and (changed - first).abs().max().item() > 1
-    assert (changed - fuse(ir, vis, model=mine)).abs().max().item() < 1e-9
+    assert (changed - fuse(ir, vis, model=mine, backend="reference")).abs().max().item() < 1e-9
     mine.fusion.decoder_fusion.conv_last = copy.deepcopy(mine.fusion.decoder_fusion.conv_last)
     with torch.no_grad():
         mine.fusion.decoder_fusion.conv_last.conv2d[1].bias.add_(1.0)  # the min-max stretch undoes it
         mine.fusion.decoder_fusion.conv_last.conv2d[0].weight[0, 3].mul_(-1)
     replaced = fuse(ir, vis, model=mine, backend="fast")
-    assert len(made) == 2 and (replaced - fuse(ir, vis, model=mine)).abs().max().item() < 1e-9
+    assert len(made) == 2 and (replaced - fuse(ir, vis, model=mine, backend="reference")).abs().max().item() < 1e-9
     fuse(ir, vis, model=copy.deepcopy(mine), backend="fast")
     assert len(made) == 3
     alive = weakref.ref(mine)
@@ -166,7 +166,7 @@ def test_fast_crossfuse_gradients_are_the_reference_ones(model):
 
 def test_fast_backend_on_images(model):
     ir, vis = synthetic_pair(120, 160, np.random.default_rng(3))
-    reference = fuse(ir, vis, model=model).astype(int)
+    reference = fuse(ir, vis, model=model, backend="reference").astype(int)
     fast = fuse(ir, vis, model=model, backend="fast").astype(int)
     assert np.abs(fast - reference).max() <= 1 and (fast != reference).mean() < 0.01
 
@@ -262,9 +262,9 @@ def test_bad_inputs(model, make, message):
 
 def test_bad_arguments(model):
     ir, vis = synthetic_batch(1, 16, 16)
-    with pytest.raises(ValueError, match="unknown backend 'triton'; available: reference, fast"):
+    with pytest.raises(ValueError, match="unknown backend 'triton'; available: auto, reference, fast"):
         fuse(ir, vis, model=model, backend="triton")
     with pytest.raises(ValueError, match="unknown uint16_scaling"):
         fuse(ir, vis, model=model, uint16_scaling="log")
-    with pytest.raises(ValueError, match="model must be a CrossFuse"):
+    with pytest.raises(ValueError, match="model must be 'released', a CrossFuse"):
         fuse(ir, vis, model=object())

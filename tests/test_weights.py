@@ -1,56 +1,16 @@
 """``crossfuse_fast.weights``: the released weights fetched, verified by their git blob ids and
 cached, against a local HTTP server serving generated checkpoints (no network needed)."""
-import hashlib
-import http.server
 import io
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Server, blob_id
 
 from crossfuse_fast import CheckpointError, CrossFuse
 from crossfuse_fast import weights as weights_module
 from crossfuse_fast.reference import AutoEncoder, FusionNet
 from crossfuse_fast.weights import ReleasedFile, WeightsError, git_blob_id, released_files
-
-
-def blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-class Server:
-    """Serves ``files`` (``{url path: bytes}``) on 127.0.0.1; ``truncate`` cuts every body in half
-    after announcing its whole length; ``requests`` lists the paths asked for."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files, self.truncate, self.requests = files, False, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                body = server.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2] if server.truncate else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        if self.thread.is_alive():
-            self.httpd.shutdown()
-            self.httpd.server_close()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 upsampling before that, tests/kernels/test_upsample_fold.py)."""
 import copy
 
-import pytest
 import torch
 
 from crossfuse_fast import CrossFuse
