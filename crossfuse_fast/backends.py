@@ -99,9 +99,14 @@ def fast_crossfuse(model: CrossFuse) -> nn.Module:
     return cached[1]
 
 
-def _fast_module() -> ModuleType:
+def require_fast() -> None:
+    """Raise ``ValueError`` saying what to do where the fast path cannot run (Triton missing)."""
     if not fast_available():
         raise ValueError("backend 'fast' needs Triton, which is not installed here (pip install triton, on "
                          "Linux); backend 'reference' runs without it")
+
+
+def _fast_module() -> ModuleType:
+    require_fast()
     from . import fast
     return fast

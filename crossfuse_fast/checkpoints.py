@@ -8,14 +8,15 @@ existing file unless asked, and goes through a temporary file so a crash leaves 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .files import write_atomically
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -42,7 +43,8 @@ def read_tensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (expected {what})")
+        kind = "a folder" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+        raise CheckpointError(f"{path}: {kind} (expected {what})")
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
             warnings.simplefilter("ignore")
@@ -89,26 +91,6 @@ def load_into(module: nn.Module, path: str | os.PathLike, what: str) -> nn.Modul
     check_state_dict(state, module, path, what)
     module.load_state_dict(state, strict=True)
     return module
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
-    """Call ``write(temporary_path)``, then move the result to ``path``.
-
-    Refuses to replace an existing ``path`` unless ``overwrite``; a failure leaves nothing behind.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    return path
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, overwrite: bool = False,

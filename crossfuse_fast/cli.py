@@ -8,17 +8,21 @@ fetching them on first use (:mod:`crossfuse_fast.weights`).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from . import __version__
 from .api import DEFAULT_UINT16_SCALING, UINT16_SCALINGS
-from .backends import BACKENDS, DEFAULT_BACKEND, NO_TRITON_NOTICE, resolve_backend
+from .backends import BACKENDS, DEFAULT_BACKEND, NO_TRITON_NOTICE, require_fast, resolve_backend
 from .checkpoints import load_into
-from .data import IMAGE_SUFFIXES, ImageFolder, PairedFolders, SyntheticPairs
+from .data import ImageFolder, PairedFolders, SyntheticPairs
+from .files import write_image
+from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
 from .reference import AutoEncoder
 from .weights import default_weights_dir
 
@@ -27,6 +31,13 @@ BACKEND_HELP = ("auto: the fast path where Triton is installed, else the referen
                 "reference: the reference model; fast: the same weights on the fast path (needs Triton; its fused "
                 "ops run as Triton kernels on a GPU, as their PyTorch twins on a CPU), the same result up to rounding")
 DEVICE_HELP = "the torch device to run on: cpu, cuda, cuda:1, ..."
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -45,6 +56,13 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _at_least_8(text: str) -> int:
+    value = _positive(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"must be at least 8 (three 2 x 2 poolings), got {text!r}")
     return value
 
 
@@ -68,10 +86,29 @@ def _load_model(args: argparse.Namespace):
 
 
 def _backend(args: argparse.Namespace) -> str:
+    """The backend to run, resolved once before any work: a notice where "auto" falls back to the
+    reference, ``ValueError`` where "fast" cannot run."""
     backend = resolve_backend(args.backend)
     if args.backend == "auto" and backend == "reference":
         print(f"crossfuse {args.command}: {NO_TRITON_NOTICE}", file=sys.stderr)
+    if backend == "fast":
+        require_fast()
     return backend
+
+
+def _device(text: str) -> torch.device:
+    """The torch device ``--device`` names; ``ValueError`` for a malformed one or one not here."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(f"--device {text!r}: not a torch device (cpu, cuda, cuda:1, ...)") from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {text}: no such CUDA device here ({count} visible)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {text}: this command runs on cpu or cuda devices")
+    return device
 
 
 def _read_image(path: Path):
@@ -81,36 +118,80 @@ def _read_image(path: Path):
     return image
 
 
-def _fuse_jobs(args: argparse.Namespace) -> list[tuple[Path, Path, Path]]:
-    """``(ir, vis, out)`` triples: one pair of files, or two folders paired by file name."""
-    ir, vis, out = Path(args.ir), Path(args.vis), Path(args.out)
-    if ir.is_dir() or vis.is_dir():
-        pairs = PairedFolders(ir, vis).pairs
-        return [(i, v, out / f"{i.stem}.png") for i, v in pairs]
-    for path in (ir, vis):
-        if not path.is_file():
-            raise ValueError(f"{path}: no such file or folder")
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{out}: the output needs an image suffix ({', '.join(IMAGE_SUFFIXES)})")
-    return [(ir, vis, out)]
+def _fuse_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path, Path]], list[str]]:
+    """``(ir, vis, out)`` triples (one pair of files, two folders paired by name, or the pairs of a
+    CSV) and one line per file the pairing left out. Refuses, before any work, outputs that would
+    replace an input or land in an input folder."""
+    out = Path(args.out)
+    problems: list[str] = []
+    if args.pairs:
+        pairs = read_pairs_csv(args.pairs)
+        folders = set()
+    else:
+        ir, vis = Path(args.ir), Path(args.vis)
+        if ir.is_dir() != vis.is_dir():
+            raise ValueError(f"--ir {ir} and --vis {vis}: give two folders or two files")
+        if ir.is_dir():
+            pairing = pair_folders(ir, vis)
+            pairs, problems, folders = pairing.pairs, pairing.problems(), {ir.resolve(), vis.resolve()}
+        else:
+            for path in (ir, vis):
+                if not path.is_file():
+                    raise ValueError(f"{path}: no such file or folder")
+            if out.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{out}: the output needs an image suffix ({', '.join(IMAGE_SUFFIXES)})")
+            pairs, folders = [(ir, vis)], set()
+            jobs = [(ir, vis, out)]
+    if args.pairs or folders:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out}: exists and is not a folder (a folder job writes one PNG per pair into it)")
+        if out.resolve() in folders:
+            raise ValueError(f"{out}: is an input folder; outputs would mix with the images they come from")
+        jobs = [(ir, vis, out / f"{ir.stem}.png") for ir, vis in pairs]
+        seen: dict[Path, Path] = {}
+        for ir, _, target in jobs:
+            if target in seen:
+                raise ValueError(f"{seen[target]} and {ir} would both be fused into {target}")
+            seen[target] = ir
+    inputs = {path.resolve(): path for ir, vis, _ in jobs for path in (ir, vis)}
+    for _, _, target in jobs:
+        if target.resolve() in inputs:
+            raise ValueError(f"{target}: is an input ({inputs[target.resolve()]}); it is never overwritten")
+    return jobs, problems
 
 
-def _command_fuse(args: argparse.Namespace) -> None:
+def _command_fuse(args: argparse.Namespace) -> int:
+    """Fuse every pair that has no output yet (``--overwrite``: every pair), each written atomically;
+    a pair that fails is reported and the others go on. 0 when none failed, else 2."""
+    from tqdm import tqdm
+
     from .api import fuse
-    jobs = _fuse_jobs(args)
-    existing = [str(out) for _, _, out in jobs if out.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} exists ({len(existing)} output(s) would be replaced); "
-                              "pass --overwrite to replace")
-    backend = _backend(args)
-    model = _load_model(args).to(args.device)
-    for ir_path, vis_path, out in jobs:
-        fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model, uint16_scaling=args.uint16_scaling,
-                     backend=backend)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out), fused):
-            raise ValueError(f"{out}: could not be written")
-        print(f"{out}")
+    jobs, problems = _fuse_jobs(args)
+    for line in problems:
+        print(f"crossfuse fuse: {line}", file=sys.stderr)
+    todo = [job for job in jobs if args.overwrite or not job[2].exists()]
+    skipped = len(jobs) - len(todo)
+    failures: list[str] = []
+    if todo:
+        device = _device(args.device)
+        backend = _backend(args)
+        model = _load_model(args).to(device)
+        for ir_path, vis_path, out in tqdm(todo, unit="pair", desc="fusing", disable=None, leave=False):
+            try:
+                fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model,
+                             uint16_scaling=args.uint16_scaling, backend=backend)
+                write_image(out, fused, overwrite=True)
+            except (ValueError, OSError, cv2.error) as error:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                failures.append(f"{ir_path}, {vis_path}: {reason}")
+                continue
+            print(out)
+    for line in failures:
+        print(f"crossfuse fuse: failed: {line}", file=sys.stderr)
+    if len(jobs) > 1 or skipped or failures:
+        print(f"crossfuse fuse: {len(todo) - len(failures)} fused, {skipped} skipped (their outputs exist; "
+              f"--overwrite to redo them), {len(failures)} failed", file=sys.stderr)
+    return 2 if failures else 0
 
 
 def _command_train_autoencoder(args: argparse.Namespace) -> None:
@@ -118,7 +199,7 @@ def _command_train_autoencoder(args: argparse.Namespace) -> None:
     dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
                if args.synthetic else ImageFolder(args.images, args.size))
     train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      device=args.device, max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args))
+                      device=_device(args.device), max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args))
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
@@ -128,7 +209,7 @@ def _command_train_fusion(args: argparse.Namespace) -> None:
     ir_autoencoder = load_into(AutoEncoder(), args.ir_autoencoder, "an infrared autoencoder checkpoint")
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
     train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, device=args.device, max_steps=args.max_steps,
+                 batch_size=args.batch_size, lr=args.lr, device=_device(args.device), max_steps=args.max_steps,
                  overwrite=args.overwrite, backend=_backend(args))
 
 
@@ -150,7 +231,7 @@ def _command_synthetic(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = _HelpFormatter
-    parser = argparse.ArgumentParser(prog="crossfuse", description=DESCRIPTION, formatter_class=formatter)
+    parser = _Parser(prog="crossfuse", description=DESCRIPTION, formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"crossfuse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -158,9 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Fuse an infrared/visible pair, or two folders of pairs, with the "
                                "authors' released weights (fetched on first use) or the weights given.",
                                formatter_class=formatter)
-    fuse.add_argument("--ir", required=True, help="infrared image, or folder of them")
-    fuse.add_argument("--vis", required=True, help="visible image (grey or colour), or folder paired by name")
-    fuse.add_argument("--out", required=True, help="output image, or folder for folder inputs (PNG names)")
+    fuse.add_argument("--ir", help="infrared image, or folder of them")
+    fuse.add_argument("--vis", help="visible image (grey or colour), or folder paired with --ir's by name "
+                      "(the same stem, or IRn / VISn)")
+    fuse.add_argument("--pairs", metavar="CSV", help="a CSV of ir,vis paths (a header row ir,vis; paths relative "
+                      "to the CSV's folder) instead of --ir and --vis")
+    fuse.add_argument("--out", required=True, help="output image, or folder for folder and CSV jobs (one PNG per "
+                      "pair, named after the infrared image); existing outputs are skipped, so a run resumes")
     weights = fuse.add_argument_group("weights", "the released weights unless one of these is given")
     weights.add_argument("--weights", metavar="PATH", help="a folder holding the three released files under "
                          "their names, or a bundle written by CrossFuse.save (nothing is downloaded)")
@@ -175,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "divides by 257")
     fuse.add_argument("--device", default="cpu", help=DEVICE_HELP)
     fuse.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=BACKEND_HELP)
-    fuse.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    fuse.add_argument("--overwrite", action="store_true", help="fuse every pair again, replacing existing outputs "
+                      "(never an input)")
     fuse.set_defaults(run=_command_fuse)
 
     for name, helptext in (("train-autoencoder", "stage 1: train one modality's autoencoder"),
@@ -200,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=_positive, default=2 if stage1 else 8, help="images per step")
         sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3,
                          help="Adam's learning rate (x 0.1 from the third epoch on)")
-        sub.add_argument("--size", type=_positive, default=256, help="training images are resized to SIZE x SIZE")
+        sub.add_argument("--size", type=_at_least_8, default=256, help="training images are resized to SIZE x SIZE")
         sub.add_argument("--max-steps", type=_positive, help="cap the batches per epoch (smoke runs)")
         sub.add_argument("--device", default="cpu", help=DEVICE_HELP)
         sub.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
@@ -232,12 +318,22 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"crossfuse {args.command}: give {' and '.join(missing)}, or --synthetic N", file=sys.stderr)
             return 2
+    if args.command == "fuse" and not args.pairs and not (args.ir and args.vis):
+        print("crossfuse fuse: give --ir and --vis (files or folders), or --pairs CSV", file=sys.stderr)
+        return 2
+    # SIGTERM as an orderly exit, so the temporary files of the writes under way are removed.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        return args.run(args) or 0
+    except (ValueError, OSError) as error:
         print(f"crossfuse {args.command}: {error}", file=sys.stderr)
         return 2
-    return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -6,27 +6,14 @@ resized with ``cv2.resize`` (bilinear) as the released training did.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .pairing import list_images, pair_folders
 from .synthetic import synthetic_pair
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name; ``ValueError`` if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
 
 
 def read_grey(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
@@ -54,15 +41,12 @@ class ImageFolder(Dataset):
 
 
 class PairedFolders(Dataset):
-    """Infrared and visible images paired by file name (stem) across two folders, for stage 2."""
+    """Infrared and visible images of two folders paired by name (:func:`.pairing.pair_folders`), for
+    stage 2; ``pairing.problems()`` lists the files left out."""
 
     def __init__(self, ir_folder: str | os.PathLike, vis_folder: str | os.PathLike, size: int = 256):
-        ir = {p.stem: p for p in list_images(ir_folder)}
-        vis = {p.stem: p for p in list_images(vis_folder)}
-        names = sorted(ir.keys() & vis.keys())
-        if not names:
-            raise ValueError(f"{ir_folder} and {vis_folder} share no file names, so no pairs can be made")
-        self.pairs = [(ir[name], vis[name]) for name in names]
+        self.pairing = pair_folders(ir_folder, vis_folder)
+        self.pairs = self.pairing.pairs
         self.size = size
 
     def __len__(self) -> int:

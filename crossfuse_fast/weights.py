@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import CheckpointError, write_atomically
+from .checkpoints import CheckpointError
+from .files import write_atomically
 
 RELEASE_URL = "https://github.com/hli1221/CrossFuse/raw/main/"
 """Where the authors publish their checkpoints (the repository's raw files)."""

@@ -49,6 +49,29 @@ def pytest_configure(config):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Synthetic pairs and one-step checkpoints of both stages, made through the command line."""
+    from crossfuse_fast.cli import main
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["synthetic", "--out", str(root / "pairs"), "--count", "2", "--height", "40", "--width", "48"]) == 0
+    for modality in ("ir", "vis"):
+        assert main(["train-autoencoder", "--synthetic", "2", "--synthetic-modality", modality, "--size", "32",
+                     "--epochs", "1", "--max-steps", "1", "--out", str(root / modality)]) == 0
+    assert main(["train-fusion", "--ir", str(root / "pairs" / "ir"), "--vis", str(root / "pairs" / "vis"),
+                 "--size", "64", "--batch-size", "2", "--epochs", "1", "--max-steps", "1",
+                 "--ir-autoencoder", str(root / "ir" / "autoencoder_epoch1.model"),
+                 "--vis-autoencoder", str(root / "vis" / "autoencoder_epoch1.model"),
+                 "--out", str(root / "fusion")]) == 0
+    return root
+
+
+def weights(root: Path) -> list[str]:
+    return ["--ir-autoencoder", str(root / "ir" / "autoencoder_epoch1.model"),
+            "--vis-autoencoder", str(root / "vis" / "autoencoder_epoch1.model"),
+            "--fusion", str(root / "fusion" / "fusion_epoch1.model")]
+
+
 def _count_calls(monkeypatch, owner, name: str) -> list:
     """One entry per call of ``owner.name``, which still runs."""
     calls = []

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import Server, blob_id
+from conftest import Server, blob_id, weights
 
 from crossfuse_fast import weights as weights_module
 from crossfuse_fast.cli import main
@@ -16,40 +16,22 @@ from crossfuse_fast.weights import ReleasedFile
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Synthetic pairs and one-step checkpoints of both stages, made through the command line."""
-    root = tmp_path_factory.mktemp("cli")
-    assert main(["synthetic", "--out", str(root / "pairs"), "--count", "2", "--height", "40", "--width", "48"]) == 0
-    for modality in ("ir", "vis"):
-        assert main(["train-autoencoder", "--synthetic", "2", "--synthetic-modality", modality, "--size", "32",
-                     "--epochs", "1", "--max-steps", "1", "--out", str(root / modality)]) == 0
-    assert main(["train-fusion", "--ir", str(root / "pairs" / "ir"), "--vis", str(root / "pairs" / "vis"),
-                 "--size", "64", "--batch-size", "2", "--epochs", "1", "--max-steps", "1",
-                 "--ir-autoencoder", str(root / "ir" / "autoencoder_epoch1.model"),
-                 "--vis-autoencoder", str(root / "vis" / "autoencoder_epoch1.model"),
-                 "--out", str(root / "fusion")]) == 0
-    return root
-
-
-def weights(root: Path) -> list[str]:
-    return ["--ir-autoencoder", str(root / "ir" / "autoencoder_epoch1.model"),
-            "--vis-autoencoder", str(root / "vis" / "autoencoder_epoch1.model"),
-            "--fusion", str(root / "fusion" / "fusion_epoch1.model")]
-
-
-def test_fuse_one_pair_and_refuse_to_overwrite(trained, capsys):
+def test_fuse_one_pair_and_skip_an_existing_output(trained, capsys):
+    """An existing output is kept and said to be (exit 0: a resumed run is not a failure);
+    ``--overwrite`` replaces it."""
     out = trained / "fused.png"
     args = ["fuse", "--ir", str(trained / "pairs/ir/0000.png"), "--vis", str(trained / "pairs/vis/0000.png"),
             "--out", str(out), *weights(trained)]
     assert main(args) == 0
     fused = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
     assert fused.shape == (40, 48) and fused.dtype == np.uint8
-    before = out.read_bytes()
-    assert main(args) == 2
-    assert "fused.png exists" in capsys.readouterr().err
-    assert out.read_bytes() == before
+    out.write_bytes(b"kept")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 fused, 1 skipped (their outputs exist; --overwrite to redo them)" in capsys.readouterr().err
+    assert out.read_bytes() == b"kept"
     assert main([*args, "--overwrite"]) == 0
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), fused)
 
 
 def test_fuse_and_train_with_the_fast_backend(trained, fast_fusion_calls):
