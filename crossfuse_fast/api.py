@@ -1,7 +1,9 @@
 """``fuse()``: the drop-in call that fuses infrared/visible pairs, from tensors or images."""
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +19,8 @@ UINT16_SCALINGS = ("minmax", "full")
 DEFAULT_UINT16_SCALING = "minmax"
 MIN_SIDE = 8
 """Smallest image side: three 2 x 2 poolings must leave at least one deep pixel."""
+INPUT_SLACK = 1.0
+"""How far outside 0..255 a tensor input may reach (resampling overshoots) before it is refused."""
 
 
 RELEASED = "released"
@@ -54,8 +58,10 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     by :meth:`CrossFuse.pretrained`, then kept for later calls; they run on the input tensors'
     device, the CPU for numpy images), a :class:`CrossFuse` (run on its own device), or the path
     of a bundle written by ``CrossFuse.save`` or of a folder holding the three released files. It
-    runs in eval mode; its own mode is restored afterwards. Mismatched sizes, wrong dtypes or
-    shapes, NaN or infinite values and images under 8 x 8 raise ``ValueError`` naming the problem.
+    runs with eval semantics (BatchNorm on its running statistics) and is never changed: a model
+    in training mode keeps its mode and statistics (:func:`eval_view`). Mismatched sizes, wrong
+    dtypes or shapes, NaN or infinite values, tensors beyond 0..255 (by more than one level) and
+    images under 8 x 8 raise ``ValueError`` naming the problem.
     """
     resolved = resolve_backend(backend)
     if backend == "auto" and resolved == "reference":
@@ -102,6 +108,9 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
                          f"{MIN_SIDE} x {MIN_SIDE}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+    low, high = x.min().item(), x.max().item()
+    if low < -INPUT_SLACK or high > 255.0 + INPUT_SLACK:
+        raise ValueError(f"{name} has values from {low:.4g} to {high:.4g}; fuse takes images on 0..255")
 
 
 def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend: str) -> torch.Tensor:
@@ -111,20 +120,26 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
         raise ValueError(f"ir and vis differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
     parameter = next(model.parameters())
     device = ir.device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            network = fast_crossfuse(model) if backend == "fast" else model
-            ir, vis = ir.to(parameter), vis.to(parameter)
-            # A CPU runs the full-resolution convolutions of a batch slower than its images one
-            # by one (bench/RESULTS.md, "fuse ... b8").
-            chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
-            fused = torch.cat([network(ir[start:start + chunk], vis[start:start + chunk])
-                               for start in range(0, ir.shape[0], chunk)])
-    finally:
-        model.train(was_training)
+    with torch.inference_mode():
+        model = eval_view(model)
+        network = fast_crossfuse(model) if backend == "fast" else model
+        ir, vis = ir.to(parameter), vis.to(parameter)
+        # A CPU runs the full-resolution convolutions of a batch slower than its images one
+        # by one (bench/RESULTS.md, "fuse ... b8").
+        chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
+        fused = torch.cat([network(ir[start:start + chunk], vis[start:start + chunk])
+                           for start in range(0, ir.shape[0], chunk)])
     return fused.to(device)
+
+
+def eval_view(model: CrossFuse) -> CrossFuse:
+    """``model`` where every module is in eval mode; else a copy of its modules in eval mode that
+    shares its parameters and buffers, so that the model's own mode and BatchNorm statistics are
+    never touched (threads may share a model in training mode)."""
+    if not any(module.training for module in model.modules()):
+        return model
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared).eval()
 
 
 def _check_image(name: str, image: np.ndarray, colour_ok: bool) -> None:

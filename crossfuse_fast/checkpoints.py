@@ -83,6 +83,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], module: nn.Module, path:
         if state[key].shape != tensor.shape:
             raise CheckpointError(f"{path}: not {what}: {key!r} has shape {tuple(state[key].shape)}, "
                                   f"expected {tuple(tensor.shape)}")
+        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            raise CheckpointError(f"{path}: {key!r} holds NaN or infinite values; a model with them fuses nothing "
+                                  f"(expected {what})")
 
 
 def load_into(module: nn.Module, path: str | os.PathLike, what: str) -> nn.Module:

@@ -162,3 +162,18 @@ def test_bundle_given_where_original_expected(tmp_path, original_files, model):
     bundle = model.save(tmp_path / "bundle.safetensors")
     with pytest.raises(CheckpointError, match="CrossFuse bundle"):
         CrossFuse.from_original(**dict(original_files, fusion=bundle))
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path, original_files):
+    """A NaN weight would fuse every image to black: refused, with the tensor named."""
+    model = CrossFuse()
+    with torch.no_grad():
+        model.fusion.decoder_fusion.conv1.conv2d[0].weight[0, 0, 0, 0] = float("nan")
+    bundle = model.save(tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=r"'fusion.decoder_fusion.conv1.conv2d.0.weight' holds NaN or infinite"):
+        CrossFuse.load(bundle)
+    state = torch.load(original_files["ir_autoencoder"], weights_only=True)
+    state["fea_encoder1.conv1.conv2d.0.bias"][0] = float("inf")
+    torch.save(state, original_files["ir_autoencoder"])
+    with pytest.raises(CheckpointError, match=r"'fea_encoder1.conv1.conv2d.0.bias' holds NaN or infinite"):
+        CrossFuse.from_original(**original_files)

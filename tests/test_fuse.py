@@ -268,3 +268,47 @@ def test_bad_arguments(model):
         fuse(ir, vis, model=model, uint16_scaling="log")
     with pytest.raises(ValueError, match="model must be 'released', a CrossFuse"):
         fuse(ir, vis, model=object())
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_fuse_never_changes_a_training_model(model, backend, monkeypatch):
+    """A model in training mode, shared by threads: each call runs with eval semantics on the model's
+    own tensors (the result equals an eval-mode model's), and the model keeps its mode and its
+    BatchNorm statistics; its mode is never even switched and back (which raced between threads)."""
+    import threading
+
+    trainee = copy.deepcopy(model).train()
+    own = {id(module) for module in trainee.modules()}
+    switched = []
+    train = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: (
+        switched.append(self) if id(self) in own else None) or train(self, mode))
+    before = {name: buffer.clone() for name, buffer in trainee.named_buffers()}
+    ir, vis = synthetic_batch(1, 32, 40, seed=9)
+    expected = fuse(ir, vis, model=copy.deepcopy(model).eval(), backend=backend)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(2):
+                results.append(fuse(ir, vis, model=trainee, backend=backend))
+        except Exception as error:  # reported below, with the thread's result count
+            errors.append(error)
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 6 and not switched
+    assert all(torch.equal(result, expected) for result in results)
+    assert all(module.training for module in trainee.modules())
+    assert all(torch.equal(buffer, before[name]) for name, buffer in trainee.named_buffers())
+
+
+def test_far_out_of_range_tensors_are_refused(model):
+    ir, vis = synthetic_batch(1, 16, 16)
+    with pytest.raises(ValueError, match="ir has values from .* fuse takes images on 0..255"):
+        fuse(ir * 1e20, vis, model=model)
+    with pytest.raises(ValueError, match="vis has values from -"):
+        fuse(ir, vis - vis.max() - 2, model=model)
+    fuse(ir.clamp(0, 255) * (256 / 255), vis, model=model)  # within one level of slack: accepted
