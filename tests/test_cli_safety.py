@@ -156,3 +156,25 @@ def test_load_names_what_is_not_a_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="not a regular file"):
         CrossFuse.load(fifo)
+
+
+def test_sigterm_during_a_write_leaves_no_temporary(tmp_path, monkeypatch):
+    """SIGTERM while a file is being written (a training checkpoint, an image) ends the command in
+    order: the temporary file is removed and the target is not created."""
+    import signal
+
+    from crossfuse_fast import cli
+    from crossfuse_fast.files import write_atomically
+    target = tmp_path / "checkpoint.model"
+
+    def interrupted_save(args):
+        def write(temporary):
+            Path(temporary).write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+        write_atomically(target, write)
+    monkeypatch.setattr(cli, "_command_synthetic", interrupted_save)  # what the parser binds to the command
+    with pytest.raises(SystemExit) as exit_:
+        main(["synthetic", "--out", str(tmp_path / "unused")])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # the handler is put back
