@@ -49,26 +49,37 @@ def _source_index(index, size, PADDING: tl.constexpr):
 
 
 @triton.jit
+def gemm_over_channels(acc, A, a_rows, a_mask, stride_a, B, stride_b, b_columns, b_mask, channels,
+                       BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + A[rows, :] @ B[:, columns]`` over ``channels``, ``BLOCK_K`` at a time: row ``i`` of ``A``
+    at ``A + a_rows[i] + c * stride_a``, column ``j`` of ``B`` at ``B + c * stride_b + b_columns[j]``
+    (the implicit GEMMs' reduction over one tap's channels; masked rows and columns read zeros)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for start in range(0, channels, BLOCK_K):
+        offs_c = start + offs_k
+        mask_c = offs_c < channels
+        a = tl.load(A + a_rows[:, None] + offs_c[None, :] * stride_a, mask=a_mask[:, None] & mask_c[None, :],
+                    other=0.0)
+        b = tl.load(B + offs_c[:, None] * stride_b + b_columns[None, :], mask=mask_c[:, None] & b_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _conv_tile(X, W, B, image, row, column, mask_m, offs_n, mask_n, height, width, in_channels,
                stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
                KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """The fp32 ``[BLOCK_M, BLOCK_N]`` tile of output pixels ``(image, row, column)`` by channels ``offs_n``."""
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tap in tl.static_range(KERNEL * KERNEL):
         source_row = _source_index(row + tap // KERNEL - KERNEL // 2, height, PADDING)
         source_column = _source_index(column + tap % KERNEL - KERNEL // 2, width, PADDING)
         x_pixel = image * stride_xn + source_row * stride_xh + source_column * stride_xw
         w_tap = (tap // KERNEL) * stride_wh + (tap % KERNEL) * stride_ww
-        for start in range(0, in_channels, BLOCK_K):
-            channels = start + offs_k
-            mask_k = channels < in_channels
-            x = tl.load(X + x_pixel[:, None] + channels[None, :] * stride_xc,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(W + w_tap + offs_n[None, :] * stride_wo + channels[:, None] * stride_wi,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        acc = gemm_over_channels(acc, X, x_pixel, mask_m, stride_xc, W + w_tap, stride_wi, offs_n * stride_wo, mask_n,
+                                 in_channels, BLOCK_K, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -156,7 +167,6 @@ def _conv2d_bwd_input_kernel(
     image = offs_m // (width * height)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < in_channels
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Per side, the positions that may read a pixel: itself, and for a 3 x 3 kernel (one-pixel pad)
     # the ones before and after the side: KERNEL of them.
@@ -172,14 +182,8 @@ def _conv2d_bwd_input_kernel(
                 valid = reads_here & (out_row >= 0) & (out_row < height) & (out_column >= 0) & (out_column < width)
                 dy_pixel = image * stride_dyn + out_row * stride_dyh + out_column * stride_dyw
                 w_tap = (tap // KERNEL) * stride_wh + (tap % KERNEL) * stride_ww
-                for start in range(0, out_channels, BLOCK_K):
-                    channels = start + offs_k
-                    mask_k = channels < out_channels
-                    dy = tl.load(DY + dy_pixel[:, None] + channels[None, :] * stride_dyc,
-                                 mask=valid[:, None] & mask_k[None, :], other=0.0)
-                    w = tl.load(W + w_tap + channels[:, None] * stride_wo + offs_n[None, :] * stride_wi,
-                                mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                    acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+                acc = gemm_over_channels(acc, DY, dy_pixel, valid, stride_dyc, W + w_tap, stride_wo,
+                                         offs_n * stride_wi, mask_n, out_channels, BLOCK_K, INPUT_PRECISION)
     dx_pixel = image * stride_dxn + row * stride_dxh + column * stride_dxw
     tl.store(DX + dx_pixel[:, None] + offs_n[None, :] * stride_dxc, acc.to(DX.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])

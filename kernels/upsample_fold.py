@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .compiler_options import COMPILER_OPTIONS
-from .implicit_gemm_conv import ConvTiles, conv_tiles, weight_gradient_split
+from .implicit_gemm_conv import ConvTiles, conv_tiles, gemm_over_channels, weight_gradient_split
 from .registry import FusedOp
 
 
@@ -47,7 +47,6 @@ def _upsampled_conv_fwd_kernel(
     image = offs_m // (width * height)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out_channels
-    offs_k = tl.arange(0, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     for phase in tl.static_range(4):
@@ -57,14 +56,8 @@ def _upsampled_conv_fwd_kernel(
             source_column = tl.minimum(tl.maximum(column + phase % 2 - 1 + tap % 2, 0), width - 1)
             x_pixel = image * stride_xn + source_row * stride_xh + source_column * stride_xw
             k_tap = phase * out_channels * stride_ko + (tap // 2) * stride_kh + (tap % 2) * stride_kw
-            for start in range(0, in_channels, BLOCK_K):
-                channels = start + offs_k
-                mask_k = channels < in_channels
-                x = tl.load(X + x_pixel[:, None] + channels[None, :] * stride_xc,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                k = tl.load(K + k_tap + offs_n[None, :] * stride_ko + channels[:, None] * stride_ki,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(x, k, acc, input_precision=INPUT_PRECISION)
+            acc = gemm_over_channels(acc, X, x_pixel, mask_m, stride_xc, K + k_tap, stride_ki, offs_n * stride_ko,
+                                     mask_n, in_channels, BLOCK_K, INPUT_PRECISION)
         if HAS_BIAS:
             acc += bias[None, :]
         y_pixel = image * stride_yn + (2 * row + phase // 2) * stride_yh + (2 * column + phase % 2) * stride_yw
@@ -89,7 +82,6 @@ def _upsampled_conv_bwd_input_kernel(
     image = offs_m // (width * height)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < in_channels
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for source in range(9):
         which_row = source // 3
@@ -108,14 +100,8 @@ def _upsampled_conv_bwd_input_kernel(
                 dy_pixel = (image * stride_dyn + (2 * out_row + phase // 2) * stride_dyh
                             + (2 * out_column + phase % 2) * stride_dyw)
                 k_tap = phase * out_channels * stride_ko + (tap // 2) * stride_kh + (tap % 2) * stride_kw
-                for start in range(0, out_channels, BLOCK_K):
-                    channels = start + offs_k
-                    mask_k = channels < out_channels
-                    dy = tl.load(DY + dy_pixel[:, None] + channels[None, :] * stride_dyc,
-                                 mask=valid[:, None] & mask_k[None, :], other=0.0)
-                    k = tl.load(K + k_tap + channels[:, None] * stride_ko + offs_n[None, :] * stride_ki,
-                                mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                    acc = tl.dot(dy, k, acc, input_precision=INPUT_PRECISION)
+                acc = gemm_over_channels(acc, DY, dy_pixel, valid, stride_dyc, K + k_tap, stride_ko,
+                                         offs_n * stride_ki, mask_n, out_channels, BLOCK_K, INPUT_PRECISION)
     dx_pixel = image * stride_dxn + row * stride_dxh + column * stride_dxw
     tl.store(DX + dx_pixel[:, None] + offs_n[None, :] * stride_dxc, acc.to(DX.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
