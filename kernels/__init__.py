@@ -13,7 +13,8 @@ and a PyTorch twin of the same signature (``*_torch``) for the CPU path:
   padding by address, a 2 x 2 max-pool in the epilogue);
 - :mod:`.upsample_fold`: ``upsampled_conv`` (a nearest 2x upsampling folded into the 3 x 3 conv after it);
 - :mod:`.source_weighting`: ``deep_weighted_sum``, ``shallow_weighted_sum`` (the fusion decoder's weighting);
-- :mod:`.minmax_stretch`: ``minmax_to_255`` (the per-image stretch that ends the fusion network).
+- :mod:`.minmax_stretch`: ``minmax_to_255`` (the per-image stretch that ends the fusion network),
+  ``conv2d_minmax_to_255`` (with its statistics gathered by the convolution before it).
 
 Beside them: :mod:`.registry` (how every op is registered), :mod:`.compiler_options` (what every
 launch pins) and :mod:`.compile_inspector` (a development tool, not imported here: the kernels
@@ -29,7 +30,7 @@ from .gelu import bias_gelu, bias_gelu_torch
 from .gemm_gelu import linear_gelu, linear_gelu_torch
 from .implicit_gemm_conv import (conv2d, conv2d_into, conv2d_into_torch, conv2d_pool_into, conv2d_pool_into_torch,
                                  conv2d_torch)
-from .minmax_stretch import minmax_to_255, minmax_to_255_torch
+from .minmax_stretch import conv2d_minmax_to_255, conv2d_minmax_to_255_torch, minmax_to_255, minmax_to_255_torch
 from .source_weighting import (deep_weighted_sum, deep_weighted_sum_torch, shallow_weighted_sum,
                                shallow_weighted_sum_torch)
 from .upsample_fold import upsampled_conv, upsampled_conv_torch
@@ -38,8 +39,9 @@ from .window_layer_norm import (add_layer_norm_to_map, add_layer_norm_to_map_tor
 
 __all__ = ["add_layer_norm", "add_layer_norm_to_map", "add_layer_norm_to_map_torch", "add_layer_norm_torch",
            "attention", "attention_torch", "bias_gelu", "bias_gelu_torch", "conv2d", "conv2d_into",
-           "conv2d_into_torch", "conv2d_pool_into", "conv2d_pool_into_torch", "conv2d_torch", "cross_attention",
-           "cross_attention_torch", "deep_weighted_sum", "deep_weighted_sum_torch", "layer_norm",
-           "layer_norm_from_map", "layer_norm_from_map_torch", "layer_norm_torch", "linear_gelu", "linear_gelu_torch",
-           "minmax_to_255", "minmax_to_255_torch", "self_attention", "self_attention_torch", "shallow_weighted_sum",
-           "shallow_weighted_sum_torch", "upsampled_conv", "upsampled_conv_torch"]
+           "conv2d_into_torch", "conv2d_minmax_to_255", "conv2d_minmax_to_255_torch", "conv2d_pool_into",
+           "conv2d_pool_into_torch", "conv2d_torch", "cross_attention", "cross_attention_torch", "deep_weighted_sum",
+           "deep_weighted_sum_torch", "layer_norm", "layer_norm_from_map", "layer_norm_from_map_torch",
+           "layer_norm_torch", "linear_gelu", "linear_gelu_torch", "minmax_to_255", "minmax_to_255_torch",
+           "self_attention", "self_attention_torch", "shallow_weighted_sum", "shallow_weighted_sum_torch",
+           "upsampled_conv", "upsampled_conv_torch"]

@@ -172,8 +172,8 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
 
 def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
     """The fusion decoder's weighted sums (deep: 128 channels, shallow: 32), on channels_last maps,
-    and its final min-max stretch."""
-    from .minmax_stretch import minmax_to_255_fwd
+    and its final min-max stretch, alone and after conv_last (32 -> 1, 1 x 1)."""
+    from .minmax_stretch import conv2d_minmax_to_255_fwd, minmax_to_255_fwd
     from .source_weighting import weighted_sum_fwd
 
     rows = []
@@ -185,6 +185,9 @@ def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resource
                 weighted_sum_fwd(*maps, 1.0, deep=deep)
                 if deep:
                     minmax_to_255_fwd(maps[0][:, :1])
+                else:
+                    conv2d_minmax_to_255_fwd(maps[0], torch.randn(1, channels, 1, 1, dtype=dtype),
+                                             torch.zeros(1, dtype=dtype), padding_mode="reflect")
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
     return rows
 

@@ -4,7 +4,9 @@
 Two launches: one reduces each block of a plane (an image's channel) to its minimum and maximum,
 the next reads its plane's partial results and stretches its block. The arithmetic is the
 reference's, in the same order, in fp32: for fp32 maps the result is the reference's bit for bit.
-No gradient (training runs :func:`minmax_to_255_torch`, the reference's own function).
+:func:`conv2d_minmax_to_255` gathers the partial results in the epilogue of the convolution
+before the stretch (the network's last, ``conv_last``), so its map is read once, by the stretch,
+which then runs in place. No gradient (training runs the reference's own functions).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from ..reference.functional import minmax_to_255 as minmax_to_255_torch  # noqa: F401  (the twin: the reference's own)
 from .compiler_options import COMPILER_OPTIONS
+from .implicit_gemm_conv import PADDING_MODES, _check, _conv_tile, _new_output, conv2d_torch, conv_tiles
 from .registry import FusedOp
 
 BLOCK = 1024
@@ -41,17 +44,52 @@ def _minmax_partial_kernel(X, LOW, HIGH, plane_size, blocks, channels, width, st
 
 
 @triton.jit
-def _minmax_stretch_kernel(X, LOW, HIGH, Y, plane_size, blocks, channels, width, stride_n, stride_c, stride_h,
+def _conv2d_minmax_fwd_kernel(
+    X, W, B, Y, LOW, HIGH, height, width, in_channels, out_channels, tiles,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """A tile of one image's convolution (``implicit_gemm_conv``'s), stored, and the minimum and
+    maximum of each of its channels over the tile's pixels, as stored, into ``LOW`` and ``HIGH``
+    ``[image, channel, tile]``."""
+    tile = tl.program_id(0)
+    image = tl.program_id(2)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < height * width
+    column = offs_m % width
+    row = offs_m // width
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < out_channels
+    acc = _conv_tile(X, W, B, image, row, column, mask_m, offs_n, mask_n, height, width, in_channels,
+                     stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
+                     KERNEL, PADDING, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    y = acc.to(Y.dtype.element_ty)
+    y_pixel = image * stride_yn + row * stride_yh + column * stride_yw
+    tl.store(Y + y_pixel[:, None] + offs_n[None, :] * stride_yc, y, mask=mask_m[:, None] & mask_n[None, :])
+    stored = y.to(tl.float32)
+    partial = (image * out_channels + offs_n) * tiles + tile
+    tl.store(LOW + partial, tl.min(tl.where(mask_m[:, None], stored, float("inf")), 0), mask=mask_n)
+    tl.store(HIGH + partial, tl.max(tl.where(mask_m[:, None], stored, float("-inf")), 0), mask=mask_n)
+
+
+@triton.jit
+def _minmax_stretch_kernel(X, LOW, HIGH, Y, plane_size, partials, channels, width, stride_n, stride_c, stride_h,
                            stride_w, stride_yn, stride_yc, stride_yh, stride_yw, BLOCK: tl.constexpr,
                            PARTIALS_BLOCK: tl.constexpr):
+    """Block ``program_id(0)`` of plane ``program_id(1)`` stretched by the plane's ``partials``
+    minima and maxima; ``Y`` may be ``X`` (each element is read before it is written, by one program)."""
     block = tl.program_id(0)
     plane = tl.program_id(1)
     low = tl.full([PARTIALS_BLOCK], float("inf"), tl.float32)
     high = tl.full([PARTIALS_BLOCK], float("-inf"), tl.float32)
-    for start in range(0, blocks, PARTIALS_BLOCK):
+    for start in range(0, partials, PARTIALS_BLOCK):
         partial = start + tl.arange(0, PARTIALS_BLOCK)
-        low = tl.minimum(low, tl.load(LOW + plane * blocks + partial, mask=partial < blocks, other=float("inf")))
-        high = tl.maximum(high, tl.load(HIGH + plane * blocks + partial, mask=partial < blocks, other=float("-inf")))
+        low = tl.minimum(low, tl.load(LOW + plane * partials + partial, mask=partial < partials,
+                                      other=float("inf")))
+        high = tl.maximum(high, tl.load(HIGH + plane * partials + partial, mask=partial < partials,
+                                        other=float("-inf")))
     low_value = tl.min(low, 0)
     high_value = tl.max(high, 0)
     offs = block * BLOCK + tl.arange(0, BLOCK)
@@ -82,11 +120,46 @@ def minmax_to_255_fwd(x: Tensor) -> Tensor:
     return y
 
 
+def conv2d_minmax_to_255_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, *, padding_mode: str,
+                             tf32: bool = False) -> Tensor:
+    """The stretch of ``implicit_gemm_conv.conv2d_fwd(x, weight, bias)``, ``[B, Cout, H, W]`` in
+    channels_last: the convolution with its per-tile minima and maxima (one launch), then the
+    stretch in place (one more)."""
+    _check(x, weight, bias, padding_mode)
+    batch, in_channels, height, width = x.shape
+    out_channels, kernel = weight.shape[0], weight.shape[2]
+    y = _new_output(x, weight)
+    tiles = conv_tiles(in_channels, out_channels, x.dtype)
+    conv_blocks = triton.cdiv(height * width, tiles.block_m)
+    low = torch.empty(batch * out_channels, conv_blocks, device=x.device, dtype=torch.float32)
+    high = torch.empty_like(low)
+    precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
+    _conv2d_minmax_fwd_kernel[(conv_blocks, triton.cdiv(out_channels, tiles.block_n), batch)](
+        x, weight, y if bias is None else bias, y, low, high, height, width, in_channels, out_channels,
+        conv_blocks, *x.stride(), *weight.stride(), *y.stride(), KERNEL=kernel,
+        PADDING=PADDING_MODES.index(padding_mode), HAS_BIAS=bias is not None, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, INPUT_PRECISION=precision, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **COMPILER_OPTIONS)
+    _minmax_stretch_kernel[(triton.cdiv(height * width, BLOCK), batch * out_channels)](
+        y, low, high, y, height * width, conv_blocks, out_channels, width, *y.stride(), *y.stride(), BLOCK=BLOCK,
+        PARTIALS_BLOCK=PARTIALS_BLOCK, **COMPILER_OPTIONS)
+    return y
+
+
 def _minmax_to_255_impl(x: Tensor) -> Tensor:
     return minmax_to_255_fwd(x)
 
 
 _minmax_to_255 = FusedOp("minmax_to_255", _minmax_to_255_impl, lambda x: torch.empty_like(x))
+
+
+def _conv2d_minmax_to_255_impl(x: Tensor, weight: Tensor, bias: Tensor | None, padding_mode: str,
+                               tf32: bool) -> Tensor:
+    return conv2d_minmax_to_255_fwd(x, weight, bias, padding_mode=padding_mode, tf32=tf32)
+
+
+_conv2d_minmax_to_255 = FusedOp("conv2d_minmax_to_255", _conv2d_minmax_to_255_impl,
+                                lambda x, weight, bias, padding_mode, tf32: _new_output(x, weight))
 
 
 def minmax_to_255(x: Tensor) -> Tensor:
@@ -95,3 +168,22 @@ def minmax_to_255(x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError("minmax_to_255 records no gradient; use minmax_to_255_torch where one is needed")
     return _minmax_to_255(x)
+
+
+def conv2d_minmax_to_255(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding_mode: str = "reflect",
+                         tf32: bool = False) -> Tensor:
+    """``minmax_to_255(conv2d(x, weight, bias))`` with the statistics gathered in the convolution's
+    epilogue: ``x`` ``[B, Cin, H, W]`` (any strides), ``weight`` ``[Cout, Cin, k, k]``, ``k`` odd;
+    ``[B, Cout, H, W]`` in channels_last (Triton). Each image gets the same bits as the two ops
+    applied to it alone (its tiles start at its first pixel). No gradient."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise RuntimeError("conv2d_minmax_to_255 records no gradient; use conv2d_minmax_to_255_torch where one is "
+                           "needed")
+    return _conv2d_minmax_to_255(x, weight, bias, padding_mode, tf32)
+
+
+def conv2d_minmax_to_255_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                               padding_mode: str = "reflect", tf32: bool = False) -> Tensor:
+    """PyTorch twin of :func:`conv2d_minmax_to_255`: ``implicit_gemm_conv.conv2d_torch`` then the
+    reference's stretch (differentiable)."""
+    return minmax_to_255_torch(conv2d_torch(x, weight, bias, padding_mode=padding_mode))

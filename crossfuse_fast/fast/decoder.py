@@ -63,10 +63,14 @@ class FastFusionDecoder(nn.Module):
         return match_size(y, height, width)
 
     def output(self, y: Tensor) -> Tensor:
-        """``FusionDecoder.output`` with its BatchNorm folded in inference (and on the Triton kernels,
-        where the backend resolves to them and no gradient is recorded, the stretch too)."""
+        """``FusionDecoder.output`` with its BatchNorm folded in inference; on the Triton kernels
+        (where the backend resolves to them) the stretch too when no gradient is recorded, with its
+        statistics gathered by the convolution in inference."""
+        on_triton = resolve_kernel_backend(self.kernel_backend, y.device) == "triton"
+        folded = self._conv_last.inference_weights()
+        if on_triton and folded is not None:
+            return kernels.conv2d_minmax_to_255(y, *folded)
         y = self._conv_last(y)
-        if (resolve_kernel_backend(self.kernel_backend, y.device) == "triton"
-                and not (torch.is_grad_enabled() and y.requires_grad)):
+        if on_triton and not (torch.is_grad_enabled() and y.requires_grad):
             return kernels.minmax_to_255(y)
         return minmax_to_255(y)

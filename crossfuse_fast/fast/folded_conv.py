@@ -61,6 +61,13 @@ class FoldedConvLayer:
         weight, bias = self._fold()
         return (phase_kernels(weight), bias) if self.upsampled else (weight, bias)
 
+    def inference_weights(self) -> tuple[Tensor, Tensor] | None:
+        """The folded ``(weight, bias)`` a call uses now (phase kernels when ``upsampled``), or
+        ``None`` when a call would run the layer unfolded (training mode or gradients enabled)."""
+        if self.layer.conv2d[1].training or torch.is_grad_enabled():
+            return None
+        return self._weights.get()
+
     def __call__(self, x: Tensor) -> Tensor:
         conv, norm = self.layer.conv2d
         on_triton = resolve_kernel_backend(self.kernel_backend, x.device) == "triton"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from utils import DEVICE, assert_three_way
 
+from crossfuse_fast import kernels
 from crossfuse_fast.fast import FastFusionDecoder, FastFusionNet, FoldedConvLayer
 from crossfuse_fast.fast import box_filter
 
@@ -99,10 +100,14 @@ def test_fast_decoder_reads_the_box_weights_once(model, monkeypatch):
     assert len(reads) == 2
 
 
-def test_triton_decoder_is_the_reference(model, poisoned_allocations):
+def test_triton_decoder_is_the_reference(model, poisoned_allocations, monkeypatch):
     """In inference on the Triton kernels (interpreter): the folded 3 x 3 and 1 x 1 convolutions and
-    the upsampling phases, within twice the reference decoder's own fp32 error against fp64, on a
-    size that needs the size adjust."""
+    the upsampling phases, the stretch's statistics gathered by conv_last, within twice the
+    reference decoder's own fp32 error against fp64, on a size that needs the size adjust."""
+    ends = []
+    fused_end = kernels.conv2d_minmax_to_255
+    monkeypatch.setattr(kernels, "conv2d_minmax_to_255", lambda *args: ends.append(args) or fused_end(*args))
+    monkeypatch.setattr(kernels, "minmax_to_255", lambda *args: pytest.fail("the stretch ran apart from conv_last"))
     decoder = copy.deepcopy(model.fusion.decoder_fusion).to(DEVICE)
     torch.manual_seed(12)
     fused, ir_deep, vis_deep = (torch.randn(1, 128, 3, 4, device=DEVICE) for _ in range(3))
@@ -112,7 +117,7 @@ def test_triton_decoder_is_the_reference(model, poisoned_allocations):
         exact = copy.deepcopy(decoder).double()(*(x.double() for x in inputs))
         plain = decoder(*inputs)
         got = FastFusionDecoder(decoder, kernel_backend="triton")(*inputs)
-    assert got.shape == exact.shape == (1, 1, 27, 33)
+    assert len(ends) == 1 and got.shape == exact.shape == (1, 1, 27, 33)
     assert_three_way(got, exact, plain, torch.float32)
 
 
