@@ -176,12 +176,37 @@ def plot_run(run: dict, results: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def memory_sections(runs: list[dict], memory: list[dict]) -> list[str]:
+    """Markdown lines: one table per ``python -m bench.memory`` run, newest first."""
+    lines = []
+    for run in sorted(runs, key=lambda r: r["date"], reverse=True):
+        mine = [r for r in memory if r["run_id"] == run["run_id"]]
+        if not mine:
+            continue
+        lines += [f"### {run['machine']} ({run['device']}), {run['date']}", "",
+                  f"- command: `{run['command']}`",
+                  f"- commit {run['commit']}, torch {run['torch']}, triton {run['triton']}, {run['cores']} cores", "",
+                  "| case | backend | tile | peak RSS | before the call | time | vs untiled (uint8) |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in mine:
+            versus = "-"
+            if "max_difference_vs_untiled" in row:
+                versus = (f"{row['pixels_differing_vs_untiled']} pixels differ, by at most "
+                          f"{row['max_difference_vs_untiled']}")
+            lines.append(f"| {row['case']} | {row['provider']} | {row['tile'] or 'none'} | "
+                         f"{row['peak_rss_bytes'] / 2**30:.2f} GiB | {row['baseline_rss_bytes'] / 2**30:.2f} GiB | "
+                         f"{_seconds(row['seconds'])} | {versus} |")
+        lines.append("")
+    return lines
+
+
 def write_report(results_path: Path, report_path: Path, plot: bool = True, readme_path: Path | None = None) -> None:
     """Regenerate ``report_path`` (and one PNG per run beside it) from the results file, and the
     headline table in ``readme_path`` when given."""
     rows = read_rows(results_path)
     runs = [r for r in rows if r.get("kind") == "run"]
     results = [r for r in rows if r.get("kind") == "result"]
+    memory = [r for r in rows if r.get("kind") == "memory"]
     headline = headline_table(runs, results)
     if readme_path is not None:
         write_readme_headline(readme_path, headline)
@@ -199,6 +224,13 @@ def write_report(results_path: Path, report_path: Path, plot: bool = True, readm
              "a CPU, `fast-triton` on a GPU; else the newest that timed the reference), every figure of a row "
              "from that one run; its section below gives the command. The README quotes this table.", "",
              *headline, ""]
+    if memory:
+        lines += ["## Peak memory", "",
+                  "`python -m bench.memory`: `fuse()` on one synthetic pair (uint8 images, random weights) in a "
+                  "fresh process, on the CPU in float32; `peak RSS` is the process's high-water mark "
+                  "(`VmHWM`), `before the call` the same after Python, torch and the model were loaded. "
+                  "Images with a side over `tile` run in tiles (docs/tiling.md).", "",
+                  *memory_sections(runs, memory)]
     for run in sorted(runs, key=lambda r: r["date"], reverse=True):
         mine = [r for r in results if r["run_id"] == run["run_id"]]
         if not mine:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 
+from . import tiling
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_crossfuse, resolve_backend
 from .model import CrossFuse
 
@@ -28,12 +29,17 @@ RELEASED = "released"
 
 
 def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: str = DEFAULT_BACKEND,
-         uint16_scaling: str = DEFAULT_UINT16_SCALING):
+         uint16_scaling: str = DEFAULT_UINT16_SCALING, tile: int | None = tiling.DEFAULT_TILE):
     """Fuse infrared and visible images with CrossFuse.
 
     Torch tensors ``[B, 1, H, W]``, float on 0..255, give the fused ``[B, 1, H, W]`` float on
     0..255, unrounded, on the input's device. Any batch size and any ``H, W >= 8`` work; on a
     CPU the images of a batch run one at a time (faster there), on a GPU all at once.
+
+    An image with a side longer than ``tile`` pixels (default 1024; a multiple of 8, or ``None``
+    for never) runs in overlapping tiles (:func:`crossfuse_fast.tiling.fuse_in_tiles`), so memory
+    stays near that of one ``tile x tile`` image whatever the size: the same result up to
+    rounding (equal to 1e-9 in float64; docs/tiling.md).
 
     Numpy images give a numpy image, ``uint8``, rounded to nearest:
 
@@ -67,6 +73,7 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     if backend == "auto" and resolved == "reference":
         warnings.warn(NO_TRITON_NOTICE, RuntimeWarning, stacklevel=2)
     backend = resolved
+    tiling.check_tile(tile)
     if uint16_scaling not in UINT16_SCALINGS:
         raise ValueError(f"unknown uint16_scaling {uint16_scaling!r}; use one of {', '.join(UINT16_SCALINGS)}")
     if isinstance(model, str) and model == RELEASED:
@@ -78,9 +85,9 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
         raise ValueError("model must be 'released', a CrossFuse, or the path of a saved one or of the released "
                          f"weights' folder, not {type(model).__name__}")
     if isinstance(ir, torch.Tensor) and isinstance(vis, torch.Tensor):
-        return _fuse_tensors(ir, vis, model, backend)
+        return _fuse_tensors(ir, vis, model, backend, tile)
     if isinstance(ir, np.ndarray) and isinstance(vis, np.ndarray):
-        return _fuse_images(ir, vis, model, uint16_scaling, backend)
+        return _fuse_images(ir, vis, model, uint16_scaling, backend, tile)
     raise ValueError("ir and vis must both be torch tensors or both numpy arrays, "
                      f"not {type(ir).__name__} and {type(vis).__name__}")
 
@@ -113,7 +120,7 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has values from {low:.4g} to {high:.4g}; fuse takes images on 0..255")
 
 
-def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend: str) -> torch.Tensor:
+def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend: str, tile: int | None) -> torch.Tensor:
     _check_tensor("ir", ir)
     _check_tensor("vis", vis)
     if ir.shape != vis.shape:
@@ -127,7 +134,9 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
         # A CPU runs the full-resolution convolutions of a batch slower than its images one
         # by one (bench/RESULTS.md, "fuse ... b8").
         chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
-        fused = torch.cat([network(ir[start:start + chunk], vis[start:start + chunk])
+        in_tiles = tiling.needs_tiles(*ir.shape[-2:], tile)
+        fused = torch.cat([tiling.fuse_in_tiles(network, ir[start:start + chunk], vis[start:start + chunk], tile)
+                           if in_tiles else network(ir[start:start + chunk], vis[start:start + chunk])
                            for start in range(0, ir.shape[0], chunk)])
     return fused.to(device)
 
@@ -167,7 +176,7 @@ def _to_unit_float(image: np.ndarray, uint16_scaling: str) -> np.ndarray:
 
 
 def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scaling: str,
-                 backend: str) -> np.ndarray:
+                 backend: str, tile: int | None) -> np.ndarray:
     _check_image("ir", ir, colour_ok=True)
     _check_image("vis", vis, colour_ok=True)
     if ir.shape[:2] != vis.shape[:2]:
@@ -186,7 +195,7 @@ def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scali
         vis_luma = vis_unit.reshape(vis_unit.shape[:2])
     ir_tensor = torch.from_numpy(np.ascontiguousarray(ir_unit.reshape(ir_unit.shape[:2]) * 255.0))[None, None]
     vis_tensor = torch.from_numpy(np.ascontiguousarray(vis_luma * 255.0))[None, None]
-    fused = _fuse_tensors(ir_tensor, vis_tensor, model, backend)[0, 0].cpu().numpy()
+    fused = _fuse_tensors(ir_tensor, vis_tensor, model, backend, tile)[0, 0].cpu().numpy()
     if colour:
         ycrcb[..., 0] = fused / 255.0
         fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0

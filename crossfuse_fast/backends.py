@@ -61,10 +61,14 @@ def check_kernel_backend(kernel_backend: str) -> None:
         raise ValueError(f"unknown backend {kernel_backend!r}; available: {', '.join(KERNEL_BACKENDS)}")
 
 
-def resolve_kernel_backend(kernel_backend: str, device: torch.device) -> str:
-    """``"torch"`` or ``"triton"``: ``"auto"`` is the Triton kernels on a GPU, their twins elsewhere."""
+def resolve_kernel_backend(kernel_backend: str, x: torch.Tensor) -> str:
+    """``"torch"`` or ``"triton"`` for a call on ``x``: ``"auto"`` is the Triton kernels on a GPU,
+    their twins elsewhere. float64 always runs the twins: the kernels take 32- and 16-bit floats,
+    and float64 is the dtype of the exactness checks (docs/fast-path.md)."""
+    if x.dtype == torch.float64:
+        return "torch"
     if kernel_backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if x.device.type == "cuda" else "torch"
     return kernel_backend
 
 

@@ -24,6 +24,7 @@ from .data import ImageFolder, PairedFolders, SyntheticPairs
 from .files import write_image
 from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
 from .reference import AutoEncoder
+from .tiling import DEEP_STEP, DEFAULT_TILE
 from .weights import default_weights_dir
 
 DESCRIPTION = "Fuse infrared and visible images with CrossFuse, train both of its stages, write synthetic pairs."
@@ -63,6 +64,16 @@ def _at_least_8(text: str) -> int:
     value = _positive(text)
     if value < 8:
         raise argparse.ArgumentTypeError(f"must be at least 8 (three 2 x 2 poolings), got {text!r}")
+    return value
+
+
+def _tile(text: str) -> int | None:
+    """``--tile``: a multiple of 8 pixels, or 0 for never."""
+    value = int(text) if text.strip().lstrip("-").isdigit() else -1
+    if value == 0:
+        return None
+    if value < DEEP_STEP or value % DEEP_STEP:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {DEEP_STEP} pixels, or 0 for never, got {text!r}")
     return value
 
 
@@ -179,7 +190,7 @@ def _command_fuse(args: argparse.Namespace) -> int:
         for ir_path, vis_path, out in tqdm(todo, unit="pair", desc="fusing", disable=None, leave=False):
             try:
                 fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model,
-                             uint16_scaling=args.uint16_scaling, backend=backend)
+                             uint16_scaling=args.uint16_scaling, backend=backend, tile=args.tile)
                 write_image(out, fused, overwrite=True)
             except (ValueError, OSError, cv2.error) as error:
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -260,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "divides by 257")
     fuse.add_argument("--device", default="cpu", help=DEVICE_HELP)
     fuse.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help=BACKEND_HELP)
+    fuse.add_argument("--tile", type=_tile, default=DEFAULT_TILE, metavar="PIXELS",
+                      help="images with a side longer than this fuse in overlapping tiles, so memory stays "
+                      "near that of one PIXELS x PIXELS image (the same result up to rounding); a multiple "
+                      "of 8, or 0 for never")
     fuse.add_argument("--overwrite", action="store_true", help="fuse every pair again, replacing existing outputs "
                       "(never an input)")
     fuse.set_defaults(run=_command_fuse)

@@ -41,11 +41,13 @@ class FusedOp:
     returns empty outputs of the right shapes; ``setup_context(ctx, inputs, output)`` saves what
     ``backward(ctx, *grad_outputs)`` needs, and ``backward`` returns one gradient (or None) per
     input. Calling the ``FusedOp`` runs ``impl`` directly where :func:`direct_call` allows, the
-    registered op otherwise; ``.op`` is the registered op itself.
+    registered op otherwise; ``.op`` is the registered op itself. A float64 tensor argument
+    raises ``ValueError``: the kernels take 32- and 16-bit floats (the twins take float64).
     """
 
     def __init__(self, name: str, impl: Callable, fake: Callable, *, backward: Callable | None = None,
                  setup_context: Callable | None = None, mutates_args: tuple[str, ...] = ()):
+        self.name = name
         self.impl = impl
         self.op = torch.library.custom_op(f"crossfuse::{name}", impl, mutates_args=mutates_args)
         self.op.register_fake(fake)
@@ -53,4 +55,7 @@ class FusedOp:
             self.op.register_autograd(backward, setup_context=setup_context)
 
     def __call__(self, *args):
+        if any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
+            raise ValueError(f"crossfuse::{self.name} takes float32, float16 or bfloat16 tensors, not float64; "
+                             "its PyTorch twin takes float64")
         return (self.impl if direct_call(*args) else self.op)(*args)

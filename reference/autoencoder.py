@@ -119,6 +119,10 @@ class AutoEncoder(nn.Module):
         """``(shallow [B, 32, H, W], deep [B, 128, H//8, W//8])`` of images on 0..255."""
         return self.fea_encoder1(images / 255.0)
 
+    def shallow(self, images: torch.Tensor) -> torch.Tensor:
+        """The shallow map of :meth:`encode` alone (its first convolution), ``[B, 32, H, W]``."""
+        return self.fea_encoder1.conv1(images / 255.0)
+
     def decode(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """Reconstruction on 0..255 from the encoder's two maps."""
         return self.recon_decoder1(shallow, deep) * 255.0

@@ -63,16 +63,29 @@ class FusionDecoder(nn.Module):
 
     def forward(self, fused: torch.Tensor, ir_deep: torch.Tensor, ir_shallow: torch.Tensor,
                 vis_deep: torch.Tensor, vis_shallow: torch.Tensor) -> torch.Tensor:
+        y = self.upsample(self.deep_sum(fused, ir_deep, vis_deep), ir_shallow.shape[-2], ir_shallow.shape[-1])
+        return self.output(self.shallow_sum(y, ir_shallow, vis_shallow))
+
+    def deep_sum(self, fused: torch.Tensor, ir_deep: torch.Tensor, vis_deep: torch.Tensor) -> torch.Tensor:
+        """Step 1 of docs/model.md#fusion-decoder: ``fused + w_ir ir_deep + w_vis vis_deep``."""
         w_ir, w_vis = self.weight.deep(ir_deep, vis_deep)
-        y = self.upsample(fused + w_ir * ir_deep + w_vis * vis_deep, ir_shallow.shape[-2], ir_shallow.shape[-1])
-        w_ir, w_vis = self.weight.shallow(ir_shallow, vis_shallow)
-        # The 0.5 on the infrared term alone is as released (docs/model.md#fusion-decoder, step 3).
-        return self.output(y + 0.5 * w_ir * ir_shallow + w_vis * vis_shallow)
+        return fused + w_ir * ir_deep + w_vis * vis_deep
+
+    def upsampled(self, y: torch.Tensor) -> torch.Tensor:
+        """Step 2 of docs/model.md#fusion-decoder without the size adjust: ``conv1``, then
+        ``conv_block`` with its upsamplings, ``[B, 32, 8 h, 8 w]``."""
+        return self.conv_block(self.up(self.conv1(y)))
 
     def upsample(self, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Step 2 of docs/model.md#fusion-decoder: ``conv1``, then ``conv_block`` with its
-        upsamplings, then the size adjust to ``height x width``."""
-        return match_size(self.conv_block(self.up(self.conv1(y))), height, width)
+        """Step 2 of docs/model.md#fusion-decoder: :meth:`upsampled`, then the size adjust to
+        ``height x width``."""
+        return match_size(self.upsampled(y), height, width)
+
+    def shallow_sum(self, y: torch.Tensor, ir_shallow: torch.Tensor, vis_shallow: torch.Tensor) -> torch.Tensor:
+        """Step 3 of docs/model.md#fusion-decoder: ``y + 0.5 w_ir ir_shallow + w_vis vis_shallow``."""
+        w_ir, w_vis = self.weight.shallow(ir_shallow, vis_shallow)
+        # The 0.5 on the infrared term alone is as released (docs/model.md#fusion-decoder, step 3).
+        return y + 0.5 * w_ir * ir_shallow + w_vis * vis_shallow
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """Step 4 of docs/model.md#fusion-decoder: ``conv_last``, then the per-image min-max stretch to 0..255."""

@@ -92,6 +92,24 @@ def test_report_tables_ratios_floors_and_plot(tmp_path):
     assert text.count("![time per provider and case") == 1
 
 
+def test_memory_rows_get_their_own_section(tmp_path):
+    """``python -m bench.memory`` rows: a table per run, tiled rows compared with the untiled one;
+    they are not timing results (no headline row, no plot)."""
+    results = tmp_path / "results.jsonl"
+    rows = [{"kind": "memory", "run_id": "m", "case": "fuse 2048x2048 b1", "tile": tile, "provider": "fast",
+             "dtype": "float32", "peak_rss_bytes": peak * 2 ** 30, "baseline_rss_bytes": 2 ** 29, "seconds": 40.0}
+            for tile, peak in ((0, 4.5), (1024, 1.5))]
+    rows[1].update(max_difference_vs_untiled=1, pixels_differing_vs_untiled=3)
+    append_rows(results, [*rows, {**_run("m", "2026-04-01T00:00:00+00:00"), "mode": "memory", "ceilings": {}}])
+    report = tmp_path / "RESULTS.md"
+    write_report(results, report)
+    text = report.read_text()
+    assert "## Peak memory" in text and "### Test CPU x2 (cpu), 2026-04-01T00:00:00+00:00" in text
+    assert "| fuse 2048x2048 b1 | fast | none | 4.50 GiB | 0.50 GiB | 40.00 s | - |" in text
+    assert "| fuse 2048x2048 b1 | fast | 1024 | 1.50 GiB | 0.50 GiB | 40.00 s | 3 pixels differ, by at most 1 |" in text
+    assert not list(tmp_path.glob("results-*.png"))
+
+
 def test_headline_is_regenerated_into_the_readme(tmp_path):
     """Per machine and case the headline takes the newest run that timed the fast path (a newer run
     of the reference alone does not replace it), every figure of a row from that run; the README's

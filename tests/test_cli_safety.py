@@ -137,6 +137,8 @@ def test_every_user_error_is_one_line_through_the_entry_point(trained, tmp_path)
         (["fuse", *folders, "--out", str(blocker), *weights(trained)], "exists and is not a folder"),
         (["fuse", *pair, "--out", str(blocker / "sub" / "x.png"), *weights(trained)], "failed: "),
         (["fuse", *pair, "--out", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path)], "a folder (expected"),
+        (["fuse", *pair, "--out", str(tmp_path / "x.png"), "--tile", "12", *weights(trained)],
+         "--tile: must be a multiple of 8 pixels, or 0 for never, got '12'"),
         (["train-autoencoder", "--synthetic", "2", "--synthetic-modality", "ir", "--size", "7", "--out",
           str(tmp_path / "t")], "must be at least 8"),
     ]

@@ -165,7 +165,7 @@ class FastCrossEncoder(nn.Module):
         return fused
 
     def _run(self, ir: Tensor, vis: Tensor, window: tuple[int, int]) -> Tensor:
-        ops = ops_for(self.kernel_backend, ir.device)
+        ops = ops_for(self.kernel_backend, ir)
         encoder = self.reference
         first, second = encoder.self_atten_block1, encoder.self_atten_block2
         ir_stream = self_module(ops, second.self_atten1, _self_module_from_map(ops, first.self_atten1, ir, window))

@@ -36,41 +36,62 @@ class FastFusionDecoder(nn.Module):
                                    lambda: uniform_box_values(reference))
         self._box_values.get()
         self._upsample_steps = folded_steps([reference.conv1, reference.up, *reference.conv_block], kernel_backend)
-        self._conv_last = FoldedConvLayer(reference.conv_last, kernel_backend=kernel_backend)
+        self.conv_last = FoldedConvLayer(reference.conv_last, kernel_backend=kernel_backend)
 
     def forward(self, fused: Tensor, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor,
                 vis_shallow: Tensor) -> Tensor:
         """``FusionDecoder.forward``, with ``conv_de`` and ``conv_sh`` computed by their algebra in the
         weighted sums of :mod:`crossfuse_fast.kernels.source_weighting` (the Triton kernels where the
         kernel backend resolves to them and no source needs a gradient, the twins elsewhere)."""
+        if self._box_values.get() is None:
+            return self.reference(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+        y = self.upsample(self.deep_sum(fused, ir_deep, vis_deep), ir_shallow.shape[-2], ir_shallow.shape[-1])
+        return self.output(self.shallow_sum(y, ir_shallow, vis_shallow))
+
+    def _on_triton(self, ir: Tensor, vis: Tensor) -> bool:
+        """Whether a weighted sum of these sources runs on the Triton kernels (they pass no gradient
+        to the sources)."""
+        return (resolve_kernel_backend(self.kernel_backend, ir) == "triton"
+                and not (torch.is_grad_enabled() and (ir.requires_grad or vis.requires_grad)))
+
+    def deep_sum(self, fused: Tensor, ir_deep: Tensor, vis_deep: Tensor) -> Tensor:
+        """``FusionDecoder.deep_sum``, ``conv_de`` by its algebra where it holds."""
         box_values = self._box_values.get()
         if box_values is None:
-            return self.reference(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-        deep_scale, shallow_scale = (9.0 * value for value in box_values)
-        sources = (ir_deep, vis_deep, ir_shallow, vis_shallow)
-        on_triton = (resolve_kernel_backend(self.kernel_backend, fused.device) == "triton"
-                     and not (torch.is_grad_enabled() and any(x.requires_grad for x in sources)))
-        deep = kernels.deep_weighted_sum if on_triton else kernels.deep_weighted_sum_torch
-        shallow = kernels.shallow_weighted_sum if on_triton else kernels.shallow_weighted_sum_torch
-        y = self.upsample(deep(fused, ir_deep, vis_deep, deep_scale), ir_shallow.shape[-2], ir_shallow.shape[-1])
-        return self.output(shallow(y, ir_shallow, vis_shallow, shallow_scale))
+            return self.reference.deep_sum(fused, ir_deep, vis_deep)
+        on_triton = self._on_triton(ir_deep, vis_deep)
+        weighted_sum = kernels.deep_weighted_sum if on_triton else kernels.deep_weighted_sum_torch
+        return weighted_sum(fused, ir_deep, vis_deep, 9.0 * box_values[0])
 
-    def upsample(self, y: Tensor, height: int, width: int) -> Tensor:
-        """``FusionDecoder.upsample`` with its BatchNorms folded in inference and its upsamplings
+    def shallow_sum(self, y: Tensor, ir_shallow: Tensor, vis_shallow: Tensor) -> Tensor:
+        """``FusionDecoder.shallow_sum``, ``conv_sh`` by its algebra where it holds."""
+        box_values = self._box_values.get()
+        if box_values is None:
+            return self.reference.shallow_sum(y, ir_shallow, vis_shallow)
+        on_triton = self._on_triton(ir_shallow, vis_shallow)
+        weighted_sum = kernels.shallow_weighted_sum if on_triton else kernels.shallow_weighted_sum_torch
+        return weighted_sum(y, ir_shallow, vis_shallow, 9.0 * box_values[1])
+
+    def upsampled(self, y: Tensor) -> Tensor:
+        """``FusionDecoder.upsampled`` with its BatchNorms folded in inference and its upsamplings
         folded into the convolutions after them."""
         for step in self._upsample_steps:
             y = step(y)
-        return match_size(y, height, width)
+        return y
+
+    def upsample(self, y: Tensor, height: int, width: int) -> Tensor:
+        """``FusionDecoder.upsample``: :meth:`upsampled`, then the size adjust."""
+        return match_size(self.upsampled(y), height, width)
 
     def output(self, y: Tensor) -> Tensor:
         """``FusionDecoder.output`` with its BatchNorm folded in inference; on the Triton kernels
         (where the backend resolves to them) the stretch too when no gradient is recorded, with its
         statistics gathered by the convolution in inference."""
-        on_triton = resolve_kernel_backend(self.kernel_backend, y.device) == "triton"
-        folded = self._conv_last.inference_weights()
+        on_triton = resolve_kernel_backend(self.kernel_backend, y) == "triton"
+        folded = self.conv_last.inference_weights()
         if on_triton and folded is not None:
             return kernels.conv2d_minmax_to_255(y, *folded)
-        y = self._conv_last(y)
+        y = self.conv_last(y)
         if on_triton and not (torch.is_grad_enabled() and y.requires_grad):
             return kernels.minmax_to_255(y)
         return minmax_to_255(y)

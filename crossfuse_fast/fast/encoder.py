@@ -137,7 +137,7 @@ class FastAutoEncoder(nn.Module):
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``AutoEncoder.encode``: ``(shallow, deep)`` of images on 0..255."""
         encoder = self.reference.fea_encoder1
-        if resolve_kernel_backend(self.kernel_backend, images.device) == "triton":
+        if resolve_kernel_backend(self.kernel_backend, images) == "triton":
             x = image_layout(images, True) / 255.0
             recording = torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in encoder.parameters()))
@@ -153,10 +153,17 @@ class FastAutoEncoder(nn.Module):
             x = block(layer, x) if isinstance(layer, DenseBlock) else layer(x)
         return shallow, x
 
+    def shallow(self, images: Tensor) -> Tensor:
+        """``AutoEncoder.shallow``: the shallow map of :meth:`encode` alone (its first convolution)."""
+        conv1 = self.reference.fea_encoder1.conv1
+        if resolve_kernel_backend(self.kernel_backend, images) == "triton":
+            return _conv(conv1, image_layout(images, True) / 255.0)
+        return conv1(image_layout(images, self.channels_last) / 255.0)
+
     def decode(self, shallow: Tensor, deep: Tensor) -> Tensor:
         """``AutoEncoder.decode``; on the Triton kernels where the backend resolves to them
         (:func:`.reconstruction.decode_on_kernels`)."""
-        if resolve_kernel_backend(self.kernel_backend, deep.device) == "triton":
+        if resolve_kernel_backend(self.kernel_backend, deep) == "triton":
             return decode_on_kernels(self.reference.recon_decoder1, shallow, deep) * 255.0
         return self.reference.decode(shallow, deep)
 

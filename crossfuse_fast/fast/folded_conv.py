@@ -70,7 +70,7 @@ class FoldedConvLayer:
 
     def __call__(self, x: Tensor) -> Tensor:
         conv, norm = self.layer.conv2d
-        on_triton = resolve_kernel_backend(self.kernel_backend, x.device) == "triton"
+        on_triton = resolve_kernel_backend(self.kernel_backend, x) == "triton"
         if norm.training or torch.is_grad_enabled():
             if self.upsampled:
                 upsampled = kernels.upsampled_conv if on_triton else upsampled_conv_torch

@@ -20,13 +20,18 @@ class FastFusionNet(nn.Module):
     def __init__(self, reference: FusionNet, kernel_backend: str = DEFAULT_KERNEL_BACKEND):
         super().__init__()
         self.encoder = FastCrossEncoder(reference.cross_atten_block, kernel_backend)
-        self.decoder = FastFusionDecoder(reference.decoder_fusion, kernel_backend)
+        self.decoder_fusion = FastFusionDecoder(reference.decoder_fusion, kernel_backend)
+
+    def fuse_deep(self, ir_deep: Tensor, vis_deep: Tensor, shift: bool = True) -> Tensor:
+        """``FusionNet.fuse_deep``; ``shift`` is accepted for the reference's signature (the fast
+        encoder needs no roll)."""
+        return self.encoder.fuse_deep(ir_deep, vis_deep)
 
     def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
                 shift: bool = True) -> Tensor:
-        """``shift`` is accepted for the reference's signature (the fast encoder needs no roll)."""
-        fused = self.encoder.fuse_deep(ir_deep, vis_deep)
-        return self.decoder(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
+        """``FusionNet.forward``; ``shift`` as in :meth:`fuse_deep`."""
+        fused = self.fuse_deep(ir_deep, vis_deep)
+        return self.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
 
 
 class FastCrossFuse(nn.Module):

@@ -32,6 +32,7 @@ OPS = {
 }
 
 
-def ops_for(kernel_backend: str, device: torch.device) -> Ops:
-    """The ops that ``kernel_backend`` (:data:`~crossfuse_fast.backends.KERNEL_BACKENDS`) runs on ``device``."""
-    return OPS[resolve_kernel_backend(kernel_backend, device)]
+def ops_for(kernel_backend: str, x: torch.Tensor) -> Ops:
+    """The ops that ``kernel_backend`` (:data:`~crossfuse_fast.backends.KERNEL_BACKENDS`) runs on
+    tensors like ``x`` (:func:`~crossfuse_fast.backends.resolve_kernel_backend`)."""
+    return OPS[resolve_kernel_backend(kernel_backend, x)]

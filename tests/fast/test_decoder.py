@@ -79,7 +79,7 @@ def test_fast_decoder_with_other_box_weights_is_the_reference(model, change):
             fusion.decoder_fusion.weight.conv_de.bias = torch.nn.Parameter(torch.full((128,), 0.5),
                                                                            requires_grad=False)
         changed = fast(ir_deep, ir_shallow, vis_deep, vis_shallow)
-        fused = fast.encoder.fuse_deep(ir_deep, vis_deep)
+        fused = fast.fuse_deep(ir_deep, vis_deep)
         reference = fusion.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
     assert torch.equal(changed, reference)
     assert not torch.equal(changed, uniform)

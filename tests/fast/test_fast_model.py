@@ -53,3 +53,15 @@ def test_a_pair_through_the_triton_kernels_only(model, monkeypatch):
         got = FastCrossFuse(model, "triton")(ir, vis)
     assert got.shape == (1, 1, 16, 24)
     assert (got.double() - exact).abs().max().item() <= 2 * (reference.double() - exact).abs().max().item() + 1e-3
+
+
+def test_float64_runs_the_twins_whatever_the_kernel_backend(model):
+    """The kernels take 32- and 16-bit floats: in float64 ``"triton"`` runs the PyTorch twins and
+    gives the reference's result (the convolution kernels' float64 results were wrong by up to 276
+    grey levels before)."""
+    generator = torch.Generator().manual_seed(24)
+    ir, vis = (torch.rand(1, 1, 16, 24, generator=generator, dtype=torch.float64) * 255 for _ in range(2))
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        got = FastCrossFuse(exact, "triton")(ir, vis)
+        assert (got - exact(ir, vis)).abs().max().item() < 1e-9

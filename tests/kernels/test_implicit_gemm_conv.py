@@ -102,7 +102,7 @@ def test_conv2d_names_bad_input():
     with pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
         kernels.conv2d(x, weight, bias[:1])
     with pytest.raises(ValueError, match="share a dtype"):
-        kernels.conv2d(x, weight.double(), bias)
+        kernels.conv2d(x, weight.half(), bias)
     with torch.no_grad(), pytest.raises(ValueError, match=r"out must be \[2, 2, 4, 4\]"):
         conv2d_into(x, weight, bias, torch.empty(2, 3, 4, 4))
 

@@ -1,5 +1,6 @@
 """``kernels.registry.FusedOp``: the registered op where autograd or the compiler needs it, the
 implementation itself everywhere else."""
+import pytest
 import torch
 from utils import DEVICE
 
@@ -22,3 +23,10 @@ def test_fused_op_dispatches_only_where_needed(monkeypatch):
     with torch.no_grad():
         compiled = torch.compile(lambda x, bias: fused(x, bias), fullgraph=True)(x, bias)
     assert through_op == [1, 1] and torch.equal(compiled, direct)
+
+
+def test_fused_op_refuses_float64():
+    """The kernels take 32- and 16-bit floats; float64 is refused by name, not computed wrongly."""
+    x, bias = torch.randn(3, 8, device=DEVICE, dtype=torch.float64), torch.randn(8, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="bias_gelu takes float32, float16 or bfloat16 tensors, not float64"):
+        gelu._bias_gelu(x, bias)
