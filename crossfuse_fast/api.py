@@ -52,6 +52,9 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
       stretches each image's own range linearly, as thermal cameras' raw counts rarely fill
       16 bits; ``"full"`` divides by 257 (65535 -> 255).
 
+    Two lists of numpy images of one size (video frames, say) give a list of fused images, run
+    as one batch, each as it would be alone.
+
     ``backend="auto"`` (default) runs the fast path where Triton is installed and the reference
     model elsewhere (with a ``RuntimeWarning`` saying so); ``"fast"`` asks for the fast path
     (:class:`crossfuse_fast.fast.FastCrossFuse`, docs/fast-path.md), the same result up to float
@@ -87,8 +90,14 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     if isinstance(ir, torch.Tensor) and isinstance(vis, torch.Tensor):
         return _fuse_tensors(ir, vis, model, backend, tile)
     if isinstance(ir, np.ndarray) and isinstance(vis, np.ndarray):
-        return _fuse_images(ir, vis, model, uint16_scaling, backend, tile)
-    raise ValueError("ir and vis must both be torch tensors or both numpy arrays, "
+        return _fuse_images([ir], [vis], model, uint16_scaling, backend, tile)[0]
+    if isinstance(ir, (list, tuple)) and isinstance(vis, (list, tuple)):
+        if len(ir) != len(vis) or not ir:
+            raise ValueError(f"ir and vis must be lists of as many images, at least one, got {len(ir)} and {len(vis)}")
+        if not all(isinstance(x, np.ndarray) for x in (*ir, *vis)):
+            raise ValueError("lists of images must hold numpy arrays")
+        return _fuse_images(list(ir), list(vis), model, uint16_scaling, backend, tile)
+    raise ValueError("ir and vis must both be torch tensors, both numpy arrays or both lists of numpy arrays, "
                      f"not {type(ir).__name__} and {type(vis).__name__}")
 
 
@@ -175,8 +184,9 @@ def _to_unit_float(image: np.ndarray, uint16_scaling: str) -> np.ndarray:
     return (image.astype(np.float32) - low) / max(high - low, 1.0)
 
 
-def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scaling: str,
-                 backend: str, tile: int | None) -> np.ndarray:
+def _luminance(ir: np.ndarray, vis: np.ndarray, uint16_scaling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A checked pair as float32 grey on 0..255 ``(ir, vis luma)``, and the visible YCrCb on 0..1
+    when the visible image is in colour (else ``None``)."""
     _check_image("ir", ir, colour_ok=True)
     _check_image("vis", vis, colour_ok=True)
     if ir.shape[:2] != vis.shape[:2]:
@@ -186,17 +196,29 @@ def _fuse_images(ir: np.ndarray, vis: np.ndarray, model: CrossFuse, uint16_scali
     if ir_unit.ndim == 3 and ir_unit.shape[2] == 3:
         ir_unit = cv2.cvtColor(ir_unit, cv2.COLOR_BGR2GRAY)
     vis_unit = _to_unit_float(vis, uint16_scaling)
-    colour = vis_unit.ndim == 3 and vis_unit.shape[2] == 3
-    if colour:
+    ycrcb = None
+    if vis_unit.ndim == 3 and vis_unit.shape[2] == 3:
         # Float input to OpenCV is taken as 0..1, with chroma centred on 0.5.
         ycrcb = cv2.cvtColor(vis_unit, cv2.COLOR_BGR2YCrCb)
         vis_luma = ycrcb[..., 0]
     else:
         vis_luma = vis_unit.reshape(vis_unit.shape[:2])
-    ir_tensor = torch.from_numpy(np.ascontiguousarray(ir_unit.reshape(ir_unit.shape[:2]) * 255.0))[None, None]
-    vis_tensor = torch.from_numpy(np.ascontiguousarray(vis_luma * 255.0))[None, None]
-    fused = _fuse_tensors(ir_tensor, vis_tensor, model, backend, tile)[0, 0].cpu().numpy()
-    if colour:
-        ycrcb[..., 0] = fused / 255.0
-        fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0
-    return np.clip(np.rint(fused), 0, 255).astype(np.uint8)
+    return ir_unit.reshape(ir_unit.shape[:2]) * 255.0, vis_luma * 255.0, ycrcb
+
+
+def _fuse_images(irs: list[np.ndarray], viss: list[np.ndarray], model: CrossFuse, uint16_scaling: str,
+                 backend: str, tile: int | None) -> list[np.ndarray]:
+    pairs = [_luminance(ir, vis, uint16_scaling) for ir, vis in zip(irs, viss)]
+    sizes = {pair[0].shape for pair in pairs}
+    if len(sizes) > 1:
+        raise ValueError(f"the images of one call must share a size, got {' and '.join(f'{h} x {w}' for h, w in sorted(sizes))}")
+    ir_tensor = torch.from_numpy(np.stack([pair[0] for pair in pairs]))[:, None]
+    vis_tensor = torch.from_numpy(np.stack([pair[1] for pair in pairs]))[:, None]
+    fused_batch = _fuse_tensors(ir_tensor, vis_tensor, model, backend, tile)[:, 0].cpu().numpy()
+    results = []
+    for fused, (_, _, ycrcb) in zip(fused_batch, pairs):
+        if ycrcb is not None:
+            ycrcb[..., 0] = fused / 255.0
+            fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0
+        results.append(np.clip(np.rint(fused), 0, 255).astype(np.uint8))
+    return results

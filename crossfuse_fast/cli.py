@@ -25,6 +25,7 @@ from .files import write_image
 from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
 from .reference import AutoEncoder
 from .tiling import DEEP_STEP, DEFAULT_TILE
+from .video import DEFAULT_FRAMES_PER_BATCH, VIDEO_SUFFIXES, fuse_video, is_video
 from .weights import default_weights_dir
 
 DESCRIPTION = "Fuse infrared and visible images with CrossFuse, train both of its stages, write synthetic pairs."
@@ -171,12 +172,58 @@ def _fuse_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path, Path]],
     return jobs, problems
 
 
-def _command_fuse(args: argparse.Namespace) -> int:
-    """Fuse every pair that has no output yet (``--overwrite``: every pair), each written atomically;
-    a pair that fails is reported and the others go on. 0 when none failed, else 2."""
+def _command_fuse_video(args: argparse.Namespace) -> int:
+    """Fuse two videos frame by frame into ``--out`` (skipped when it exists, unless ``--overwrite``)."""
     from tqdm import tqdm
 
     from .api import fuse
+    ir, vis, out = Path(args.ir), Path(args.vis), Path(args.out)
+    if not (is_video(ir) and is_video(vis)):
+        raise ValueError(f"--ir {ir} and --vis {vis}: give two videos ({', '.join(VIDEO_SUFFIXES)}) or two images")
+    if not is_video(out):
+        raise ValueError(f"{out}: the output of a video job needs a video suffix ({', '.join(VIDEO_SUFFIXES)})")
+    for path in (ir, vis):
+        if path.resolve() == out.resolve():
+            raise ValueError(f"{out}: is an input ({path}); it is never overwritten")
+    if out.exists() and not args.overwrite:
+        print(f"crossfuse fuse: 0 fused, 1 skipped (its output exists; --overwrite to redo it), 0 failed",
+              file=sys.stderr)
+        return 0
+    device = _device(args.device)
+    backend = _backend(args)
+    model = _load_model(args).to(device)
+
+    def fuse_frames(ir_frames, vis_frames):
+        return fuse(ir_frames, vis_frames, model=model, uint16_scaling=args.uint16_scaling, backend=backend,
+                    tile=args.tile)
+
+    bar = None
+
+    def progress(total):
+        nonlocal bar
+        bar = tqdm(total=total, unit="frame", desc="fusing", disable=None, leave=False)
+        return bar.update
+
+    try:
+        frames = fuse_video(ir, vis, out, fuse_frames, args.frames_per_batch, overwrite=args.overwrite,
+                            progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(out)
+    print(f"crossfuse fuse: {frames} frames fused", file=sys.stderr)
+    return 0
+
+
+def _command_fuse(args: argparse.Namespace) -> int:
+    """Fuse every pair that has no output yet (``--overwrite``: every pair), each written atomically;
+    a pair that fails is reported and the others go on. 0 when none failed, else 2. Two videos
+    are fused frame by frame (:func:`_command_fuse_video`)."""
+    from tqdm import tqdm
+
+    from .api import fuse
+    if not args.pairs and (is_video(args.ir) or is_video(args.vis)):
+        return _command_fuse_video(args)
     jobs, problems = _fuse_jobs(args)
     for line in problems:
         print(f"crossfuse fuse: {line}", file=sys.stderr)
@@ -246,17 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"crossfuse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fuse = commands.add_parser("fuse", help="fuse an infrared/visible pair, or two folders of pairs",
-                               description="Fuse an infrared/visible pair, or two folders of pairs, with the "
-                               "authors' released weights (fetched on first use) or the weights given.",
+    fuse = commands.add_parser("fuse", help="fuse an infrared/visible pair, two folders of pairs, or two videos",
+                               description="Fuse an infrared/visible pair, two folders of pairs, or two videos "
+                               "frame by frame, with the authors' released weights (fetched on first use) or "
+                               "the weights given.",
                                formatter_class=formatter)
-    fuse.add_argument("--ir", help="infrared image, or folder of them")
-    fuse.add_argument("--vis", help="visible image (grey or colour), or folder paired with --ir's by name "
-                      "(the same stem, or IRn / VISn)")
+    fuse.add_argument("--ir", help="infrared image, folder of them, or video")
+    fuse.add_argument("--vis", help="visible image (grey or colour), folder paired with --ir's by name "
+                      "(the same stem, or IRn / VISn), or video (frames pair in order, up to the shorter video)")
     fuse.add_argument("--pairs", metavar="CSV", help="a CSV of ir,vis paths (a header row ir,vis; paths relative "
                       "to the CSV's folder) instead of --ir and --vis")
-    fuse.add_argument("--out", required=True, help="output image, or folder for folder and CSV jobs (one PNG per "
-                      "pair, named after the infrared image); existing outputs are skipped, so a run resumes")
+    fuse.add_argument("--out", required=True, help="output image, folder for folder and CSV jobs (one PNG per "
+                      "pair, named after the infrared image), or video (at the inputs' frame rate); existing "
+                      "outputs are skipped, so a run resumes")
     weights = fuse.add_argument_group("weights", "the released weights unless one of these is given")
     weights.add_argument("--weights", metavar="PATH", help="a folder holding the three released files under "
                          "their names, or a bundle written by CrossFuse.save (nothing is downloaded)")
@@ -275,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images with a side longer than this fuse in overlapping tiles, so memory stays "
                       "near that of one PIXELS x PIXELS image (the same result up to rounding); a multiple "
                       "of 8, or 0 for never")
+    fuse.add_argument("--frames-per-batch", type=_positive, default=DEFAULT_FRAMES_PER_BATCH, metavar="N",
+                      help="video frames fused per call (two videos: --ir ir.mp4 --vis vis.mp4 --out fused.mp4)")
     fuse.add_argument("--overwrite", action="store_true", help="fuse every pair again, replacing existing outputs "
                       "(never an input)")
     fuse.set_defaults(run=_command_fuse)

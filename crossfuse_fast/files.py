@@ -18,16 +18,18 @@ def _umask() -> int:
     return mask
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False,
+                     suffix: str = "") -> Path:
     """Call ``write(temporary_path)``, then move the result to ``path``.
 
     Refuses to replace an existing ``path`` unless ``overwrite``; a failure leaves nothing behind.
+    The temporary's name ends in ``.tmp`` and ``suffix`` (for writers that choose a format by it).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)

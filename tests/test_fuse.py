@@ -248,8 +248,8 @@ BAD_INPUTS = [
     ("channels-tensor", lambda: (torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)), r"\[B, 1, H, W\]"),
     ("ndim-tensor", lambda: (torch.zeros(32, 32), torch.zeros(32, 32)), r"\[B, 1, H, W\]"),
     ("four-channels", lambda: (np.zeros((32, 32), np.uint8), np.zeros((32, 32, 4), np.uint8)), "BGR"),
-    ("mixed", lambda: (np.zeros((32, 32), np.uint8), torch.zeros(1, 1, 32, 32)), "must both be torch tensors or both numpy"),
-    ("list", lambda: ([[0] * 32] * 32, [[0] * 32] * 32), "must both be torch tensors or both numpy"),
+    ("mixed", lambda: (np.zeros((32, 32), np.uint8), torch.zeros(1, 1, 32, 32)), "must both be torch tensors, both numpy arrays or both lists"),
+    ("list", lambda: ([[0] * 32] * 32, [[0] * 32] * 32), "lists of images must hold numpy arrays"),
 ]
 
 
