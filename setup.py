@@ -9,7 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["crossfuse_fast", "crossfuse_fast.fast", "crossfuse_fast.reference", "crossfuse_fast.kernels"],
+    packages=["crossfuse_fast", "crossfuse_fast.fast", "crossfuse_fast.metrics", "crossfuse_fast.reference",
+              "crossfuse_fast.kernels"],
     package_dir={
         "crossfuse_fast": "crossfuse_fast",
         "crossfuse_fast.reference": "reference",
@@ -24,6 +25,6 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "matplotlib"]},
+    extras_require={"dev": ["pytest", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy"]},
     entry_points={"console_scripts": ["crossfuse = crossfuse_fast.cli:main"]},
 )

@@ -21,14 +21,17 @@ from .api import DEFAULT_UINT16_SCALING, UINT16_SCALINGS
 from .backends import BACKENDS, DEFAULT_BACKEND, NO_TRITON_NOTICE, require_fast, resolve_backend
 from .checkpoints import load_into
 from .data import ImageFolder, PairedFolders, SyntheticPairs
-from .files import write_image
+from .evaluation import FORMATS
+from .files import write_image, write_text
+from .metrics import CONVENTIONS, METRICS
 from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
 from .reference import AutoEncoder
 from .tiling import DEEP_STEP, DEFAULT_TILE
 from .video import DEFAULT_FRAMES_PER_BATCH, VIDEO_SUFFIXES, fuse_video, is_video
 from .weights import default_weights_dir
 
-DESCRIPTION = "Fuse infrared and visible images with CrossFuse, train both of its stages, write synthetic pairs."
+DESCRIPTION = ("Fuse infrared and visible images with CrossFuse, score and compare fused images, train both of its "
+               "stages, write synthetic pairs.")
 BACKEND_HELP = ("auto: the fast path where Triton is installed, else the reference model (with a notice); "
                 "reference: the reference model; fast: the same weights on the fast path (needs Triton; its fused "
                 "ops run as Triton kernels on a GPU, as their PyTorch twins on a CPU), the same result up to rounding")
@@ -282,9 +285,78 @@ def _command_synthetic(args: argparse.Namespace) -> None:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for index, name in enumerate(names):
         ir, vis = synthetic_pair(args.height, args.width, np.random.default_rng((args.seed, index)))
-        cv2.imwrite(str(out / "ir" / name), ir)
-        cv2.imwrite(str(out / "vis" / name), vis)
+        write_image(out / "ir" / name, ir, overwrite=True)
+        write_image(out / "vis" / name, vis, overwrite=True)
     print(f"{args.count} pairs in {out / 'ir'} and {out / 'vis'}")
+
+
+def _refuse_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """An output path that is an input, or exists without ``--overwrite``, is refused before any work."""
+    for path in inputs:
+        if path.exists() and (path.resolve() == out.resolve() or (path.is_dir() and out.resolve().parent == path.resolve())):
+            raise ValueError(f"{out}: is an input or inside an input folder ({path}); it is never written")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out}: exists; pass --overwrite to replace it")
+
+
+def _command_eval(args: argparse.Namespace) -> int:
+    """Score fused images against their sources; one row per image, then the mean. 0 when every
+    image was scored, else 2 (each left out is listed; the table holds the others)."""
+    from tqdm import tqdm
+
+    from .evaluation import FORMATTERS, as_html, score, score_triples
+    from .metrics import NOT_IMPLEMENTED, available, metric_names
+    names = metric_names(args.metrics) if args.metrics else available(args.convention)
+    missing = [name for name in names if (args.convention, name) in NOT_IMPLEMENTED]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} under the {args.convention} convention is not implemented")
+    if not args.pairs and not (args.ir and args.vis):
+        raise ValueError("give --ir and --vis (files or folders), or --pairs CSV")
+    inputs = [Path(p) for p in (args.fused, args.ir, args.vis, args.pairs) if p]
+    outputs = [Path(p) for p in (args.out, args.html) if p]
+    for out in outputs:
+        _refuse_output(out, inputs, args.overwrite)
+    triples, problems = score_triples(args.fused, args.ir, args.vis, args.pairs)
+    scores = score(triples, args.convention, names,
+                   progress=lambda items: tqdm(items, unit="image", desc="scoring", disable=None, leave=False))
+    for line in problems + scores.problems:
+        print(f"crossfuse eval: {line}", file=sys.stderr)
+    if not scores.rows:
+        raise ValueError("no image could be scored")
+    table = FORMATTERS[args.format](scores)
+    if args.out:
+        write_text(Path(args.out), table, overwrite=args.overwrite)
+        print(args.out)
+    else:
+        sys.stdout.write(table)
+    if args.html:
+        write_text(Path(args.html), as_html(scores), overwrite=args.overwrite)
+        print(args.html)
+    return 2 if problems or scores.problems else 0
+
+
+def _crop(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts) or int(parts[2]) < 1 or int(parts[3]) < 1:
+        raise argparse.ArgumentTypeError(f"must be x,y,width,height in pixels (width and height at least 1), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _command_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_grid, grid_rows
+    fused = [Path(p) for p in args.fused]
+    names = [n.strip() for n in args.names.split(",")] if args.names else [
+        p.name if p.is_dir() else (p.parent.name if len({q.parent for q in fused}) == len(fused) else p.stem)
+        for p in fused]
+    if len(names) != len(fused):
+        raise ValueError(f"--names gives {len(names)} names for {len(fused)} fused images or folders")
+    out = Path(args.out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{out}: the grid needs an image suffix ({', '.join(IMAGE_SUFFIXES)})")
+    _refuse_output(out, [Path(args.ir), Path(args.vis), *fused], args.overwrite)
+    grid = compare_grid(grid_rows(args.ir, args.vis, fused, limit=args.limit), names, args.crop)
+    write_image(out, grid, overwrite=args.overwrite)
+    print(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +429,39 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="cpu", help=DEVICE_HELP)
         sub.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
         sub.set_defaults(run=_command_train_autoencoder if stage1 else _command_train_fusion)
+
+    evaluate = commands.add_parser("eval", help="score fused images against their sources (EN, SD, MI, SSIM, ...)",
+                                   description="Score fused images against their infrared and visible sources: one "
+                                   "row of metrics per image, then the mean, under a named convention "
+                                   "(docs/metrics.md).", formatter_class=formatter)
+    evaluate.add_argument("fused", help="a fused image, or a folder of them named after their infrared images "
+                          "(as crossfuse fuse names them) or by the pairs' common name (IRn / VISn -> n)")
+    evaluate.add_argument("--ir", help="infrared image, or folder of them")
+    evaluate.add_argument("--vis", help="visible image, or folder paired with --ir's as crossfuse fuse pairs them")
+    evaluate.add_argument("--pairs", metavar="CSV", help="a CSV of ir,vis paths instead of --ir and --vis")
+    evaluate.add_argument("--convention", choices=CONVENTIONS, default="standard",
+                          help="whose numbers to reproduce: standard (docs/metrics.md), li, tang, cddfuse, vifb")
+    evaluate.add_argument("--metrics", help=f"comma-separated, of {','.join(METRICS)} (default: all the convention "
+                          "computes)")
+    evaluate.add_argument("--format", choices=FORMATS, default="markdown", help="the table's format")
+    evaluate.add_argument("--out", help="write the table to this file (default: print it)")
+    evaluate.add_argument("--html", metavar="FILE", help="also write one page with each image beside its metrics")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace --out and --html if they exist")
+    evaluate.set_defaults(run=_command_eval)
+
+    compare = commands.add_parser("compare", help="a picture of the sources and each method's fused image",
+                                  description="Draw a grid: infrared | visible | each method's fused image, under "
+                                  "their names, with an optional enlarged crop.", formatter_class=formatter)
+    compare.add_argument("ir", help="infrared image, or folder of them")
+    compare.add_argument("vis", help="visible image, or folder paired with IR's")
+    compare.add_argument("fused", nargs="+", help="each method's fused image, or folder of them (named as for eval)")
+    compare.add_argument("--out", required=True, help="the grid image (.png, .jpg, ...)")
+    compare.add_argument("--names", help="comma-separated method names (default: the fused folders' names)")
+    compare.add_argument("--crop", type=_crop, metavar="X,Y,W,H", help="a region, in image pixels, marked on each "
+                         "image and shown enlarged under it")
+    compare.add_argument("--limit", type=_positive, default=4, help="pairs shown when IR and VIS are folders")
+    compare.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    compare.set_defaults(run=_command_compare)
 
     synthetic = commands.add_parser("synthetic", help="write synthetic pairs to OUT/ir and OUT/vis",
                                     description="Write synthetic infrared/visible pairs (PNG) to OUT/ir and OUT/vis.",

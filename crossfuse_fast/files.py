@@ -55,3 +55,10 @@ def write_image(path: str | os.PathLike, image, overwrite: bool = False) -> Path
         with open(temporary, "wb") as handle:
             handle.write(data.tobytes())
     return write_atomically(path, write, overwrite=overwrite)
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """``text`` (UTF-8) to ``path`` through :func:`write_atomically`."""
+    def write(temporary: str) -> None:
+        Path(temporary).write_text(text, encoding="utf-8")
+    return write_atomically(path, write, overwrite=overwrite)

@@ -181,5 +181,6 @@ def test_wheel_installs_subpackages_inside_namespace(tmp_path):
     assert top_level == {"crossfuse_fast"}
     for module in ("crossfuse_fast/reference/fusion.py", "crossfuse_fast/reference/__init__.py",
                    "crossfuse_fast/kernels/__init__.py", "crossfuse_fast/kernels/registry.py",
-                   "crossfuse_fast/fast/__init__.py", "crossfuse_fast/fast/model.py", "crossfuse_fast/api.py"):
+                   "crossfuse_fast/fast/__init__.py", "crossfuse_fast/fast/model.py", "crossfuse_fast/api.py",
+                   "crossfuse_fast/metrics/__init__.py", "crossfuse_fast/metrics/vif.py", "crossfuse_fast/video.py"):
         assert module in names
