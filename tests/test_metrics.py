@@ -237,3 +237,53 @@ def test_cddfuse_reproduces_its_evaluator():
     got = evaluate(fused, ir, vis, "cddfuse", list(CDDFUSE_EVALUATOR))
     for name, want in CDDFUSE_EVALUATOR.items():
         close(got[name], [want], 1e-11)
+
+
+def _mef_ssim_numpy(sources, fused):
+    """MEF-SSIM at one scale, pixel by pixel as ``mef_ssim.m`` loops."""
+    size, bd, eps, c = 11, 5, np.finfo(float).eps, (0.03 * 255) ** 2
+    y, x = np.mgrid[:size, :size] - 5
+    window = np.exp(-(x * x + y * y) / (2 * 1.5 ** 2))
+    window /= window.sum()
+    height, width = fused.shape
+    q = []
+    for i in range(bd, height - bd):
+        for j in range(bd, width - bd):
+            blocks = [s[i - bd:i + bd + 1, j - bd:j + bd + 1] for s in sources]
+            mus = [blk.mean() for blk in blocks]
+            eds = [np.sqrt(max(size * size * ((blk * blk).mean() - mu * mu), 0)) + 0.001 for blk, mu in zip(blocks, mus)]
+            denominator = sum(np.linalg.norm(blk - mu) for blk, mu in zip(blocks, mus))
+            total = sum(blocks)
+            r = (np.linalg.norm(total - total.mean()) + eps) / (denominator + eps)
+            r = 1 - eps if r > 1 else (eps if r < 0 else r)
+            p = min(np.tan(np.pi / 2 * r), 10)
+            w = np.array([(ed / size) ** p + eps for ed in eds])
+            w /= w.sum()
+            ref = sum(wk * (blk - mu) / ed for wk, blk, mu, ed in zip(w, blocks, mus, eds))
+            if np.linalg.norm(ref) > 0:
+                ref = ref / np.linalg.norm(ref) * max(eds)
+            fb = fused[i - bd:i + bd + 1, j - bd:j + bd + 1]
+            m1, m2 = (window * ref).sum(), (window * fb).sum()
+            s1, s2 = (window * (ref - m1) ** 2).sum(), (window * (fb - m2) ** 2).sum()
+            s12 = (window * (ref - m1) * (fb - m2)).sum()
+            q.append((2 * s12 + c) / (s1 + s2 + c))
+    return np.mean(q)
+
+
+def test_ms_ssim_is_mef_ssim_by_hand():
+    ir, vis = (x.astype(np.float64) for x in synthetic_pair(46, 50, seed=6))
+    fused = np.clip(np.rint(0.5 * ir + 0.5 * vis + 10 * np.sin(np.arange(50) / 3)), 0, 255)
+
+    def halve(x):
+        padded = np.pad(x, ((0, 1), (0, 1)), mode="symmetric")
+        return ((padded[:-1, :-1] + padded[1:, :-1] + padded[:-1, 1:] + padded[1:, 1:]) / 4)[::2, ::2]
+    weights = np.array([0.0448, 0.2856, 0.3001]) / sum([0.0448, 0.2856, 0.3001])
+    sources, f, want = [ir, vis], fused, 1.0
+    for level in range(3):
+        if level:
+            sources, f = [halve(s) for s in sources], halve(f)
+        want *= _mef_ssim_numpy(sources, f) ** weights[level]
+    close(metrics.ms_ssim(fused, ir, vis), [want], 1e-10)
+    close(metrics.ms_ssim(fused, ir, vis, "tang"), [want], 1e-10)
+    with pytest.raises(ValueError, match="at least 44 x 44"):
+        metrics.ms_ssim(fused[:40], ir[:40], vis[:40])

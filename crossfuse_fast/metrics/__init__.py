@@ -19,12 +19,12 @@ from ._images import CONVENTIONS
 from .gradient import nabf, qabf
 from .information import mi
 from .statistics import ag, cc, en, psnr, scd, sd, sf
-from .structural import ssim
+from .structural import ms_ssim, ssim
 from .vif import vif
 
 METRICS: dict[str, Callable[..., Tensor]] = {
     "EN": en, "SD": sd, "SF": sf, "AG": ag, "MI": mi, "SCD": scd, "CC": cc, "PSNR": psnr,
-    "SSIM": ssim, "VIF": vif, "Qabf": qabf, "Nabf": nabf,
+    "SSIM": ssim, "MS-SSIM": ms_ssim, "VIF": vif, "Qabf": qabf, "Nabf": nabf,
 }
 """Every metric by the name papers use."""
 
@@ -57,5 +57,5 @@ def evaluate(fused, ir, vis, convention: str = "standard", metrics: str | Sequen
     return {name: METRICS[name](fused, ir, vis, convention) for name in metric_names(metrics)}
 
 
-__all__ = ["CONVENTIONS", "HIGHER_IS_BETTER", "METRICS", "NOT_IMPLEMENTED", "ag", "available", "cc", "en", "evaluate", "metric_names", "mi", "nabf",
+__all__ = ["CONVENTIONS", "HIGHER_IS_BETTER", "METRICS", "NOT_IMPLEMENTED", "ag", "available", "cc", "en", "evaluate", "metric_names", "mi", "ms_ssim", "nabf",
            "psnr", "qabf", "scd", "sd", "sf", "ssim", "vif"]
