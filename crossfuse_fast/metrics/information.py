@@ -26,6 +26,8 @@ def mi(fused, ir, vis, convention: str = "standard") -> Tensor:
 
     ``li``: ``2 EN(F)`` whatever the sources: that code's joint entropy comes out 0 (``im2uint8``
     puts every row label into one bin), which is why its MI values are near 13-14.
+    ``tang``: its joint histogram (``Hab.m``) indexes ``uint8 + 1``, which saturates, so there
+    levels 254 and 255 share a bin (the marginal entropies keep them apart).
     ``cddfuse``: in nats (``sklearn.metrics.mutual_info_score`` on the rounded values).
     ``vifb``: in nats, after each image is requantised by its own range (``metricsMutinf.m``).
     """
@@ -40,4 +42,6 @@ def mi(fused, ir, vis, convention: str = "standard") -> Tensor:
         levels = [to_uint8(x, convention) for x in (f, a, b)]
     level_f, level_a, level_b = levels
     h_f = entropy(level_f, log)
-    return sum(entropy(level_x, log) + h_f - joint_entropy(level_x, level_f, log) for level_x in (level_a, level_b))
+    joint = (lambda x: x.clamp(max=254)) if convention == "tang" else (lambda x: x)
+    return sum(entropy(level_x, log) + h_f - joint_entropy(joint(level_x), joint(level_f), log)
+               for level_x in (level_a, level_b))
