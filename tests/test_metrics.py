@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.fft
 import scipy.ndimage
 import scipy.signal
 import torch
@@ -263,3 +264,20 @@ def test_conventions_reproduce_their_codebases(convention, want):
     got = evaluate(*_pattern(), convention, list(want))
     for name, value in want.items():
         close(got[name], [value], 1e-11)
+
+
+def test_fmi_reproduces_haghighats_code():
+    """FMI on raw pixels against ``analysis_fmi(a, b, f, 'none')`` of Evaluation-for-Image-Fusion
+    (0e87153) under Octave 7.3, on the integer pattern with a window where all three images are
+    one constant and a block where the visible image equals the fused one (the code's special
+    cases); FMI on the DCT is FMI on scipy's orthonormal DCT-II of each image."""
+    fused, ir, vis = _pattern()
+    ir[:8, :8], fused[:8, :8] = 100, 100
+    vis[19:30, 19:30] = fused[19:30, 19:30]
+    close(metrics.fmi_pixel(fused, ir, vis), [0.47869061251166878], 1e-12)
+    transformed = [scipy.fft.dctn(x, norm="ortho") for x in (fused, ir, vis)]
+    close(metrics.fmi_dct(fused, ir, vis), metrics.fmi_pixel(*transformed).numpy(), 1e-12)
+    close(metrics.fmi_pixel(ir, ir, ir), [1.0])
+    for convention in ("li", "tang"):
+        with pytest.raises(NotImplementedError, match="edge maps"):
+            metrics.fmi_pixel(fused, ir, vis, convention)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from ._images import CONVENTIONS
+from .fmi import fmi_dct, fmi_pixel
 from .gradient import nabf, qabf
 from .information import mi
 from .statistics import ag, cc, en, psnr, scd, sd, sf
@@ -24,12 +25,13 @@ from .vif import vif
 
 METRICS: dict[str, Callable[..., Tensor]] = {
     "EN": en, "SD": sd, "SF": sf, "AG": ag, "MI": mi, "SCD": scd, "CC": cc, "PSNR": psnr,
-    "SSIM": ssim, "MS-SSIM": ms_ssim, "VIF": vif, "Qabf": qabf, "Nabf": nabf,
+    "SSIM": ssim, "MS-SSIM": ms_ssim, "VIF": vif, "Qabf": qabf, "Nabf": nabf, "FMI_pixel": fmi_pixel,
+    "FMI_dct": fmi_dct,
 }
 """Every metric by the name papers use."""
 
 HIGHER_IS_BETTER = {name: name != "Nabf" for name in METRICS}
-NOT_IMPLEMENTED = {("li", "VIF")}
+NOT_IMPLEMENTED = {("li", "VIF"), ("li", "FMI_pixel"), ("tang", "FMI_pixel")}
 """``(convention, metric)`` pairs not implemented (their calls raise ``NotImplementedError``)."""
 
 
@@ -57,5 +59,6 @@ def evaluate(fused, ir, vis, convention: str = "standard", metrics: str | Sequen
     return {name: METRICS[name](fused, ir, vis, convention) for name in metric_names(metrics)}
 
 
-__all__ = ["CONVENTIONS", "HIGHER_IS_BETTER", "METRICS", "NOT_IMPLEMENTED", "ag", "available", "cc", "en", "evaluate", "metric_names", "mi", "ms_ssim", "nabf",
-           "psnr", "qabf", "scd", "sd", "sf", "ssim", "vif"]
+__all__ = ["CONVENTIONS", "HIGHER_IS_BETTER", "METRICS", "NOT_IMPLEMENTED", "ag", "available", "cc", "en", "evaluate",
+           "fmi_dct", "fmi_pixel", "metric_names", "mi", "ms_ssim", "nabf", "psnr", "qabf", "scd", "sd", "sf", "ssim",
+           "vif"]
