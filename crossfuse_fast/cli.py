@@ -71,6 +71,14 @@ def _at_least_8(text: str) -> int:
     return value
 
 
+def _multiple_of_16(text: str) -> int:
+    value = _positive(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (the deep map, 1/8 of it, is read in 2 x 2 "
+                                         f"patches), got {text!r}")
+    return value
+
+
 def _tile(text: str) -> int | None:
     """``--tile``: a multiple of 8 pixels, or 0 for never."""
     value = int(text) if text.strip().lstrip("-").isdigit() else -1
@@ -424,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=_positive, default=2 if stage1 else 8, help="images per step")
         sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3,
                          help="Adam's learning rate (x 0.1 from the third epoch on)")
-        sub.add_argument("--size", type=_at_least_8, default=256, help="training images are resized to SIZE x SIZE")
+        sub.add_argument("--size", type=_at_least_8 if stage1 else _multiple_of_16, default=256,
+                         help="training images are resized to SIZE x SIZE" + ("" if stage1 else
+                         " (a multiple of 16: the cross encoder reads the whole deep map in 2 x 2 patches)"))
         sub.add_argument("--max-steps", type=_positive, help="cap the batches per epoch (smoke runs)")
         sub.add_argument("--device", default="cpu", help=DEVICE_HELP)
         sub.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")

@@ -117,10 +117,13 @@ def fusion_loss(fusion_net: nn.Module, ir_autoencoder: nn.Module, vis_autoencode
     """Stage-2 loss ``order + 10 * gradient`` of the fusion network on a batch of pairs.
 
     The encoders are frozen (no gradient reaches them); the fusion network runs as it is
-    (train mode for training), without the shift, on crops whose deep maps are one window.
+    (train mode for training), without the shift, its cross encoder on each whole deep map as one
+    window, as the released training code runs it (docs/model.md#stage-2-training): on the
+    released 256 x 256 crops the deep maps are one window anyway; on other crop sizes (multiples
+    of 16, so that the deep sides are even) this is what the released code computes.
     """
     with torch.no_grad():
         ir_shallow, ir_deep = ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = vis_autoencoder.encode(vis)
-    fused = fusion_net(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False)
+    fused = fusion_net(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False, windows=False)
     return order_loss(fused, ir, vis) + GRADIENT_LOSS_WEIGHT * gradient_loss(fused, ir, vis)

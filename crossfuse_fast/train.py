@@ -94,7 +94,9 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                  device: str | torch.device = "cpu", max_steps: int | None = None,
                  fusion: FusionNet | None = None, overwrite: bool = False, seed: int = 0,
                  backend: str = DEFAULT_BACKEND, log: Callable[[str], None] = print) -> FusionNet:
-    """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255).
+    """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255, or another
+    size whose sides are multiples of 16: the cross encoder runs on each whole deep map, as the
+    released training does, docs/model.md#stage-2-training).
 
     The encoders stay frozen; only the fusion network's trainable parameters are optimised.
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
@@ -104,6 +106,10 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     :class:`crossfuse_fast.fast.FastFusionNet` on the frozen encoders'
     :class:`crossfuse_fast.fast.FastAutoEncoder` (docs/fast-path.md).
     """
+    height, width = dataset[0][0].shape[-2:]
+    if height % 16 or width % 16:
+        raise ValueError(f"stage 2 needs crops whose sides are multiples of 16 (the cross encoder reads the whole "
+                         f"deep map in 2 x 2 patches, as released), got {height} x {width}")
     backend = _resolved(backend, log)
     paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
     torch.manual_seed(seed)

@@ -117,6 +117,13 @@ class FusionNet(nn.Module):
         return from_windows(fused, batch, height, width)
 
     def forward(self, ir_deep: torch.Tensor, ir_shallow: torch.Tensor, vis_deep: torch.Tensor,
-                vis_shallow: torch.Tensor, shift: bool = True) -> torch.Tensor:
-        fused = self.fuse_deep(ir_deep, vis_deep, shift=shift)
+                vis_shallow: torch.Tensor, shift: bool = True, windows: bool = True) -> torch.Tensor:
+        """With ``windows=False`` the cross encoder runs on each whole deep map as one window, as the
+        released training code calls it (docs/model.md#stage-2-training): the same on 256 x 256
+        crops, whose deep maps are one window, and different on other sizes, whose deep sides must
+        then be even (2 x 2 patches)."""
+        if windows:
+            fused = self.fuse_deep(ir_deep, vis_deep, shift=shift)
+        else:
+            fused = self.cross_atten_block(ir_deep, vis_deep, shift=shift)
         return self.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)

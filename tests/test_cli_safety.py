@@ -141,6 +141,9 @@ def test_every_user_error_is_one_line_through_the_entry_point(trained, tmp_path)
          "--tile: must be a multiple of 8 pixels, or 0 for never, got '12'"),
         (["train-autoencoder", "--synthetic", "2", "--synthetic-modality", "ir", "--size", "7", "--out",
           str(tmp_path / "t")], "must be at least 8"),
+        (["train-fusion", "--synthetic", "2", "--size", "72", "--out", str(tmp_path / "t"), "--ir-autoencoder",
+          str(trained / "ir" / "autoencoder_epoch1.model"), "--vis-autoencoder",
+          str(trained / "vis" / "autoencoder_epoch1.model")], "must be a multiple of 16"),
     ]
     for argv, message in cases:
         result = subprocess.run([shutil.which("crossfuse") or sys.executable, *argv], capture_output=True, text=True,

@@ -145,12 +145,54 @@ def test_stage_one_loss_traces_as_one_graph():
     assert explanation.graph_break_count == 0, [r.reason.splitlines()[0] for r in explanation.break_reasons]
 
 
-def test_fast_backend_gives_the_reference_loss_and_gradients():
+def _released_style_fusion_loss(fusion, ir_autoencoder, vis_autoencoder, ir, vis):
+    """The stage-2 loss as the released ``train_module`` computes it: the cross encoder on the whole
+    deep maps, no windows, no shift."""
+    with torch.no_grad():
+        ir_shallow, ir_deep = ir_autoencoder.encode(ir)
+        vis_shallow, vis_deep = vis_autoencoder.encode(vis)
+    fused_deep = fusion.cross_atten_block(ir_deep, vis_deep, shift=False)
+    fused = fusion.decoder_fusion(fused_deep, ir_deep, ir_shallow, vis_deep, vis_shallow)
+    return order_loss(fused, ir, vis) + 10 * gradient_loss(fused, ir, vis)
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (96, 128), (256, 256)])
+def test_stage_two_encodes_whole_deep_maps_as_released(height, width):
+    """Training runs the cross encoder on each whole deep map, as the released code: its loss equals
+    the released computation bit for bit at any crop size. Cut into 32 x 32 windows (as inference
+    does) it is the same on 256 x 256 crops only."""
+    torch.manual_seed(1)
+    ir_autoencoder, vis_autoencoder, fusion = AutoEncoder().eval(), AutoEncoder().eval(), FusionNet().train()
+    ir, vis = synthetic_batch(2, height, width, seed=6)
+    torch.manual_seed(2)
+    released = _released_style_fusion_loss(fusion, ir_autoencoder, vis_autoencoder, ir, vis)
+    torch.manual_seed(2)
+    ours = fusion_loss(fusion, ir_autoencoder, vis_autoencoder, ir, vis)
+    assert torch.equal(ours, released)
+    with torch.no_grad():
+        ir_shallow, ir_deep = ir_autoencoder.encode(ir)
+        vis_shallow, vis_deep = vis_autoencoder.encode(vis)
+        windowed = fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False)
+        whole = fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False, windows=False)
+    if (height, width) == (256, 256):
+        assert torch.equal(windowed, whole)
+    else:
+        assert (windowed - whole).abs().max().item() > 1e-2
+
+
+def test_stage_two_refuses_crops_it_cannot_patch(tmp_path):
+    with pytest.raises(ValueError, match="multiples of 16 .* got 72 x 72"):
+        train_fusion(SyntheticPairs(2, 72), AutoEncoder(), AutoEncoder(), tmp_path, epochs=1, max_steps=1)
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (96, 128)])
+def test_fast_backend_gives_the_reference_loss_and_gradients(height, width):
     """Stage 2 through ``FastFusionNet`` (PyTorch twins on a CPU): loss and every parameter's gradient
-    as close to the float64 reference as the fp32 reference is (three-way), the same parameters unused."""
+    as close to the float64 reference as the fp32 reference is (three-way), the same parameters
+    unused; on crops whose deep maps are not one 32 x 32 window."""
     torch.manual_seed(0)
     ir_autoencoder, vis_autoencoder, fusion = AutoEncoder().eval(), AutoEncoder().eval(), FusionNet().train()
-    ir, vis = synthetic_batch(2, 96, 64, seed=5)
+    ir, vis = synthetic_batch(2, height, width, seed=5)
 
     def loss_and_grads(network, model, autoencoders, images):
         loss = fusion_loss(network, *autoencoders, *images)

@@ -28,9 +28,10 @@ class FastFusionNet(nn.Module):
         return self.encoder.fuse_deep(ir_deep, vis_deep)
 
     def forward(self, ir_deep: Tensor, ir_shallow: Tensor, vis_deep: Tensor, vis_shallow: Tensor,
-                shift: bool = True) -> Tensor:
-        """``FusionNet.forward``; ``shift`` as in :meth:`fuse_deep`."""
-        fused = self.fuse_deep(ir_deep, vis_deep)
+                shift: bool = True, windows: bool = True) -> Tensor:
+        """``FusionNet.forward``; ``shift`` as in :meth:`fuse_deep`; ``windows=False`` encodes each
+        whole deep map as one window, as the released training does."""
+        fused = self.fuse_deep(ir_deep, vis_deep) if windows else self.encoder(ir_deep, vis_deep)
         return self.decoder_fusion(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
 
 
