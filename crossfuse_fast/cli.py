@@ -26,6 +26,7 @@ from .files import write_image, write_text
 from .metrics import CONVENTIONS, METRICS
 from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
 from .reference import AutoEncoder
+from .resume import Interrupted
 from .tiling import DEEP_STEP, DEFAULT_TILE
 from .video import DEFAULT_FRAMES_PER_BATCH, VIDEO_SUFFIXES, fuse_video, is_video
 from .weights import default_weights_dir
@@ -268,7 +269,8 @@ def _command_train_autoencoder(args: argparse.Namespace) -> None:
     dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
                if args.synthetic else ImageFolder(args.images, args.size))
     train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      device=_device(args.device), max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args))
+                      device=_device(args.device), max_steps=args.max_steps, overwrite=args.overwrite,
+                      backend=_backend(args), seed=args.seed, resume=args.resume, save_every=args.save_every)
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
@@ -279,7 +281,8 @@ def _command_train_fusion(args: argparse.Namespace) -> None:
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
     train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=_device(args.device), max_steps=args.max_steps,
-                 overwrite=args.overwrite, backend=_backend(args))
+                 overwrite=args.overwrite, backend=_backend(args), seed=args.seed, resume=args.resume,
+                 save_every=args.save_every)
 
 
 def _command_synthetic(args: argparse.Namespace) -> None:
@@ -437,7 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
                          " (a multiple of 16: the cross encoder reads the whole deep map in 2 x 2 patches)"))
         sub.add_argument("--max-steps", type=_positive, help="cap the batches per epoch (smoke runs)")
         sub.add_argument("--device", default="cpu", help=DEVICE_HELP)
-        sub.add_argument("--overwrite", action="store_true", help="replace existing checkpoints")
+        sub.add_argument("--seed", type=int, default=0, help="the run's seed (weights' start and data order)")
+        sub.add_argument("--save-every", type=_positive, default=100, metavar="N",
+                         help="save the run's whole state every N steps (and at each epoch's end), for --resume")
+        sub.add_argument("--resume", action="store_true", help="continue the interrupted run in --out exactly "
+                         "(the same command and settings); SIGINT or SIGTERM stops a run with its state saved")
+        sub.add_argument("--overwrite", action="store_true", help="start again, replacing the checkpoints and state "
+                         "in --out")
         sub.set_defaults(run=_command_train_autoencoder if stage1 else _command_train_fusion)
 
     evaluate = commands.add_parser("eval", help="score fused images against their sources (EN, SD, MI, SSIM, ...)",
@@ -509,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"crossfuse {args.command}: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stopped:
+        print(f"crossfuse {args.command}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -82,9 +82,16 @@ def msssim(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Te
 
 def autoencoder_loss(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Stage-1 loss: ``MSE(out, x) + 10000 (1 - msssim(out, x, normalize=True))``."""
+    return autoencoder_loss_terms(autoencoder, images)["loss"]
+
+
+def autoencoder_loss_terms(autoencoder: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`autoencoder_loss` (``"loss"``) and its unweighted terms: ``"pixel"`` the MSE,
+    ``"ssim"`` ``1 - msssim``."""
     reconstruction = autoencoder(images)
-    return (F.mse_loss(reconstruction, images)
-            + MSSSIM_LOSS_WEIGHT * (1.0 - msssim(reconstruction, images, normalize=True)))
+    pixel = F.mse_loss(reconstruction, images)
+    ssim = 1.0 - msssim(reconstruction, images, normalize=True)
+    return {"loss": pixel + MSSSIM_LOSS_WEIGHT * ssim, "pixel": pixel, "ssim": ssim}
 
 
 def box_mean(x: torch.Tensor, size: int = 11) -> torch.Tensor:
@@ -122,8 +129,15 @@ def fusion_loss(fusion_net: nn.Module, ir_autoencoder: nn.Module, vis_autoencode
     released 256 x 256 crops the deep maps are one window anyway; on other crop sizes (multiples
     of 16, so that the deep sides are even) this is what the released code computes.
     """
+    return fusion_loss_terms(fusion_net, ir_autoencoder, vis_autoencoder, ir, vis)["loss"]
+
+
+def fusion_loss_terms(fusion_net: nn.Module, ir_autoencoder: nn.Module, vis_autoencoder: nn.Module,
+                      ir: torch.Tensor, vis: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`fusion_loss` (``"loss"``) and its unweighted terms ``"order"`` and ``"gradient"``."""
     with torch.no_grad():
         ir_shallow, ir_deep = ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = vis_autoencoder.encode(vis)
     fused = fusion_net(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False, windows=False)
-    return order_loss(fused, ir, vis) + GRADIENT_LOSS_WEIGHT * gradient_loss(fused, ir, vis)
+    order, gradient = order_loss(fused, ir, vis), gradient_loss(fused, ir, vis)
+    return {"loss": order + GRADIENT_LOSS_WEIGHT * gradient, "order": order, "gradient": gradient}

@@ -6,17 +6,22 @@ dict via ``torch.save``), so ``CrossFuse.from_original`` loads them like the aut
 """
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_autoencoder, fast_fusion_net, resolve_backend
 from .checkpoints import save_tensors
-from .losses import autoencoder_loss, fusion_loss
+from .files import write_text
+from .losses import autoencoder_loss_terms, fusion_loss_terms
 from .reference import AutoEncoder, FusionNet
+from .resume import Interrupted, Progress, StopRequests, epoch_batches, load_state, restore, save_state, state_path
+
+__all__ = ["Interrupted", "train_autoencoder", "train_fusion"]
 
 
 def _adam_with_step_decay(parameters, lr: float, weight_decay: float, decay_from_epoch: int,
@@ -35,56 +40,112 @@ def _resolved(backend: str, log: Callable[[str], None]) -> str:
     return resolved
 
 
-def _checkpoint_paths(out_dir: str | os.PathLike, stem: str, epochs: int, overwrite: bool) -> list[Path]:
-    """The per-epoch checkpoint paths, checked before any training so no result is lost late."""
+def _checkpoint_paths(out_dir: str | os.PathLike, stem: str, epochs: int, overwrite: bool,
+                      resume: bool) -> list[Path]:
+    """The per-epoch checkpoint paths, checked before any training so no result is lost late:
+    a folder that holds another run's checkpoints or state is refused unless ``overwrite``, or
+    ``resume`` (which continues that run)."""
     paths = [Path(out_dir) / f"{stem}_epoch{epoch}.model" for epoch in range(1, epochs + 1)]
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists ({len(existing)} checkpoint(s) would be replaced); "
-                              "choose another output folder or pass overwrite=True")
+    existing = [str(p) for p in [*paths, state_path(out_dir, stem)] if p.exists()]
+    if existing and not (overwrite or resume):
+        raise FileExistsError(f"{existing[0]} exists (a run's results are in {out_dir}); resume it with --resume "
+                              "(resume=True), or choose another output folder, or pass --overwrite to start again")
     return paths
 
 
-def _run_epochs(name: str, model: torch.nn.Module, loader: DataLoader, loss_of_batch: Callable,
-                optimizer: torch.optim.Optimizer, scheduler, paths: list[Path], max_steps: int | None,
-                overwrite: bool, log: Callable[[str], None]) -> None:
-    """One pass over ``loader`` per checkpoint path, saving the model's state dict after each."""
-    for epoch, path in enumerate(paths, start=1):
-        for step, batch in enumerate(loader, start=1):
-            if max_steps is not None and step > max_steps:
-                break
-            loss = loss_of_batch(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            log(f"{name} epoch {epoch} step {step} loss {loss.item():.4f}")
-        scheduler.step()
-        save_tensors(model.state_dict(), path, overwrite=overwrite)
-        log(f"saved {path}")
+class _LossLog:
+    """``<stem>_losses.csv``: one row per step (epoch, step, the loss and its terms), appended as the
+    run goes; on resume, the rows after the saved step (steps about to be redone) are dropped."""
+
+    def __init__(self, out_dir: str | os.PathLike, stem: str, resumed_from: Progress | None):
+        self.path = Path(out_dir) / f"{stem}_losses.csv"
+        self.columns: list[str] | None = None
+        if resumed_from is not None and self.path.exists():
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                rows = list(csv.reader(handle))
+            self.columns = rows[0][2:] if rows else None
+            kept = rows[:1] + [r for r in rows[1:] if (int(r[0]), int(r[1])) <= (resumed_from.epoch, resumed_from.step)]
+            write_text(self.path, "".join(",".join(r) + "\n" for r in kept), overwrite=True)
+        elif self.path.exists():
+            self.path.unlink()
+
+    def append(self, epoch: int, step: int, terms: dict[str, float]) -> None:
+        if self.columns is None:
+            self.columns = list(terms)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("epoch,step," + ",".join(self.columns) + "\n", encoding="utf-8")
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(f"{epoch},{step}," + ",".join(repr(terms[c]) for c in self.columns) + "\n")
+
+
+def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size: int, terms_of_batch: Callable,
+                optimizer: torch.optim.Optimizer, scheduler, paths: list[Path], *, max_steps: int | None,
+                overwrite: bool, resume: bool, save_every: int | None, seed: int, settings: dict,
+                log: Callable[[str], None]) -> None:
+    """One pass over the data per checkpoint path, saving the model's state dict after each.
+
+    The run's whole state goes to ``<name>_state.pt`` every ``save_every`` steps and at each
+    epoch's end; ``resume`` continues from it (crossfuse_fast.resume). SIGINT or SIGTERM stops the
+    run after the step under way, with its state saved (:class:`Interrupted`).
+    """
+    out_dir = paths[0].parent
+    state_file = state_path(out_dir, name)
+    settings = {"stage": name, "epochs": len(paths), "batch_size": batch_size, "samples": len(dataset),
+                "seed": seed, "max_steps": max_steps, **settings}
+    start = restore(load_state(state_file, settings), model, optimizer, scheduler) if resume else Progress(1, 0)
+    if resume:
+        log(f"resuming {name} from epoch {start.epoch} step {start.step}")
+    losses = _LossLog(out_dir, name, start if resume else None)
+    with StopRequests() as stop:
+        for epoch in range(start.epoch, len(paths) + 1):
+            batches = epoch_batches(len(dataset), batch_size, seed, epoch)[:max_steps]
+            for step in range(start.step + 1 if epoch == start.epoch else 1, len(batches) + 1):
+                terms = terms_of_batch(default_collate([dataset[i] for i in batches[step - 1]]))
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                optimizer.step()
+                values = {key: value.item() for key, value in terms.items()}
+                losses.append(epoch, step, values)
+                log(f"{name} epoch {epoch} step {step} loss {values['loss']:.4f}")
+                if stop.signum is not None or (save_every and step % save_every == 0 and step < len(batches)):
+                    save_state(state_file, Progress(epoch, step), model, optimizer, scheduler, settings)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, Progress(epoch, step), state_file)
+            scheduler.step()
+            save_tensors(model.state_dict(), paths[epoch - 1], overwrite=True)
+            save_state(state_file, Progress(epoch + 1, 0), model, optimizer, scheduler, settings)
+            log(f"saved {paths[epoch - 1]}")
 
 
 def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: int = 4, batch_size: int = 2,
                       lr: float = 1e-4, weight_decay: float = 0.9, decay_from_epoch: int = 3,
                       decay: float = 0.1, device: str | torch.device = "cpu", max_steps: int | None = None,
                       autoencoder: AutoEncoder | None = None, overwrite: bool = False, seed: int = 0,
-                      backend: str = DEFAULT_BACKEND, log: Callable[[str], None] = print) -> AutoEncoder:
+                      backend: str = DEFAULT_BACKEND, resume: bool = False, save_every: int | None = 100,
+                      log: Callable[[str], None] = print) -> AutoEncoder:
     """Stage 1 on ``dataset`` (items ``[1, H, W]`` on 0..255), writing ``autoencoder_epoch<n>.model``.
 
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
     learning rate x 0.1 from the third epoch on. ``max_steps`` caps the batches per epoch.
+    The run's state is saved every ``save_every`` steps and at each epoch's end, with each step's
+    loss terms in ``autoencoder_losses.csv``; ``resume=True`` continues an interrupted run in
+    ``out_dir`` exactly (the same settings; crossfuse_fast.resume), and SIGINT or SIGTERM stops
+    it after the step under way with its state saved (raising :class:`Interrupted`).
     ``backend`` is as in :func:`crossfuse_fast.fuse` (``"auto"``: the fast path where Triton is
     installed); the fast path trains the same parameters through its autoencoder
     (:class:`crossfuse_fast.fast.FastAutoEncoder`, docs/fast-path.md).
     """
     backend = _resolved(backend, log)
-    paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite)
+    paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite, resume)
     torch.manual_seed(seed)
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
     network = fast_autoencoder(model) if backend == "fast" else model
-    _run_epochs("autoencoder", model, loader, lambda images: autoencoder_loss(network, images.to(device)),
-                optimizer, scheduler, paths, max_steps, overwrite, log)
+    _run_epochs("autoencoder", model, dataset, batch_size,
+                lambda images: autoencoder_loss_terms(network, images.to(device)), optimizer, scheduler, paths,
+                max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
+                settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
+                              backend=backend), log=log)
     return model
 
 
@@ -93,14 +154,16 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                  weight_decay: float = 0.9, decay_from_epoch: int = 3, decay: float = 0.1,
                  device: str | torch.device = "cpu", max_steps: int | None = None,
                  fusion: FusionNet | None = None, overwrite: bool = False, seed: int = 0,
-                 backend: str = DEFAULT_BACKEND, log: Callable[[str], None] = print) -> FusionNet:
+                 backend: str = DEFAULT_BACKEND, resume: bool = False, save_every: int | None = 100,
+                 log: Callable[[str], None] = print) -> FusionNet:
     """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255, or another
     size whose sides are multiples of 16: the cross encoder runs on each whole deep map, as the
     released training does, docs/model.md#stage-2-training).
 
     The encoders stay frozen; only the fusion network's trainable parameters are optimised.
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
-    weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on.
+    weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on. State,
+    loss terms (``fusion_losses.csv``), ``resume`` and stops as in :func:`train_autoencoder`.
     ``backend`` is as in :func:`crossfuse_fast.fuse` (``"auto"``: the fast path where Triton is
     installed); the fast path trains the same parameters through
     :class:`crossfuse_fast.fast.FastFusionNet` on the frozen encoders'
@@ -111,21 +174,23 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
         raise ValueError(f"stage 2 needs crops whose sides are multiples of 16 (the cross encoder reads the whole "
                          f"deep map in 2 x 2 patches, as released), got {height} x {width}")
     backend = _resolved(backend, log)
-    paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite)
+    paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite, resume)
     torch.manual_seed(seed)
     for encoder in (ir_autoencoder, vis_autoencoder):
         encoder.to(device).eval().requires_grad_(False)
     model = (fusion if fusion is not None else FusionNet()).to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _adam_with_step_decay(trainable, lr, weight_decay, decay_from_epoch, decay)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size)
 
     network = fast_fusion_net(model) if backend == "fast" else model
     encoders = ((fast_autoencoder(ir_autoencoder), fast_autoencoder(vis_autoencoder)) if backend == "fast"
                 else (ir_autoencoder, vis_autoencoder))
 
-    def loss_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return fusion_loss(network, *encoders, pair[0].to(device), pair[1].to(device))
+    def terms_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return fusion_loss_terms(network, *encoders, pair[0].to(device), pair[1].to(device))
 
-    _run_epochs("fusion", model, loader, loss_of_batch, optimizer, scheduler, paths, max_steps, overwrite, log)
+    _run_epochs("fusion", model, dataset, batch_size, terms_of_batch, optimizer, scheduler, paths,
+                max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
+                settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
+                              backend=backend), log=log)
     return model
