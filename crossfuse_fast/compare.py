@@ -20,7 +20,7 @@ def _panel(image: np.ndarray, width: int, height: int) -> np.ndarray:
                       else cv2.INTER_NEAREST)
 
 
-def _fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
+def fit_panel(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """``image`` scaled to fit ``width x height``, aspect kept, centred on white."""
     scale = min(width / image.shape[1], height / image.shape[0])
     scaled = _panel(image, max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
@@ -30,7 +30,8 @@ def _fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return box
 
 
-def _label(text: str, width: int) -> np.ndarray:
+def label_band(text: str, width: int) -> np.ndarray:
+    """``text`` centred in black on a white band ``width`` pixels wide."""
     band = np.full((LABEL_HEIGHT, width, 3), 255, np.uint8)
     scale = 0.55
     while scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 6:
@@ -97,18 +98,19 @@ def compare_grid(rows: list[list[Path]], names: list[str],
                 x, y, w, h = crop
                 cv2.rectangle(marked, (x, y), (x + w - 1, y + h - 1), (0, 0, 255), max(1, height // 200))
                 crops.append(_panel(image[y:y + h, x:x + w], width, max(1, round(width * h / w))))
-            panels.append(_fit(marked, width, PANEL_HEIGHT))
-        blocks.append(_row(panels))
+            panels.append(fit_panel(marked, width, PANEL_HEIGHT))
+        blocks.append(gapped_row(panels))
         if crops:
-            blocks.append(_row(crops))
-    header = _row([_label(name, width) for name in columns])
+            blocks.append(gapped_row(crops))
+    header = gapped_row([label_band(name, width) for name in columns])
     body = [header]
     for block in blocks:
         body += [np.full((GAP, header.shape[1], 3), 255, np.uint8), block]
     return np.vstack(body)
 
 
-def _row(panels: list[np.ndarray]) -> np.ndarray:
+def gapped_row(panels: list[np.ndarray]) -> np.ndarray:
+    """Panels of one height side by side, white gaps between them."""
     gap = np.full((panels[0].shape[0], GAP, 3), 255, np.uint8)
     parts = []
     for panel in panels:

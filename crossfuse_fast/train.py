@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
 
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_autoencoder, fast_fusion_net, resolve_backend
 from .checkpoints import save_tensors
-from .files import write_text
+from .files import write_image, write_text
 from .losses import autoencoder_loss_terms, fusion_loss_terms
 from .reference import AutoEncoder, FusionNet
+from .training_pictures import plot_losses, sample_grid
 from .resume import Interrupted, Progress, StopRequests, epoch_batches, load_state, restore, save_state, state_path
 
 __all__ = ["Interrupted", "train_autoencoder", "train_fusion"]
+
+SAMPLES = 4
+"""Images (stage 1) or pairs (stage 2) drawn after each epoch: the data's first ones."""
 
 
 def _adam_with_step_decay(parameters, lr: float, weight_decay: float, decay_from_epoch: int,
@@ -81,12 +87,14 @@ class _LossLog:
 def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size: int, terms_of_batch: Callable,
                 optimizer: torch.optim.Optimizer, scheduler, paths: list[Path], *, max_steps: int | None,
                 overwrite: bool, resume: bool, save_every: int | None, seed: int, settings: dict,
-                log: Callable[[str], None]) -> None:
+                samples: Callable[[], tuple[list[str], list[list]]], log: Callable[[str], None]) -> None:
     """One pass over the data per checkpoint path, saving the model's state dict after each.
 
     The run's whole state goes to ``<name>_state.pt`` every ``save_every`` steps and at each
     epoch's end; ``resume`` continues from it (crossfuse_fast.resume). SIGINT or SIGTERM stops the
-    run after the step under way, with its state saved (:class:`Interrupted`).
+    run after the step under way, with its state saved (:class:`Interrupted`). At each epoch's end
+    the loss curves are drawn to ``<name>_losses.png`` and ``samples()`` (column names and rows of
+    images) to ``<name>_samples_epoch<n>.png``; a progress bar shows the loss and images per second.
     """
     out_dir = paths[0].parent
     state_file = state_path(out_dir, name)
@@ -99,7 +107,11 @@ def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size:
     with StopRequests() as stop:
         for epoch in range(start.epoch, len(paths) + 1):
             batches = epoch_batches(len(dataset), batch_size, seed, epoch)[:max_steps]
-            for step in range(start.step + 1 if epoch == start.epoch else 1, len(batches) + 1):
+            first = start.step + 1 if epoch == start.epoch else 1
+            bar = tqdm(total=len(batches), initial=first - 1, desc=f"{name} epoch {epoch}/{len(paths)}",
+                       unit="batch", disable=None, leave=False)
+            began = time.perf_counter()
+            for step in range(first, len(batches) + 1):
                 terms = terms_of_batch(default_collate([dataset[i] for i in batches[step - 1]]))
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
@@ -107,14 +119,20 @@ def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size:
                 values = {key: value.item() for key, value in terms.items()}
                 losses.append(epoch, step, values)
                 log(f"{name} epoch {epoch} step {step} loss {values['loss']:.4f}")
+                bar.update()
+                bar.set_postfix(loss=f"{values['loss']:.4g}",
+                                images_per_s=f"{(step - first + 1) * batch_size / (time.perf_counter() - began):.3g}")
                 if stop.signum is not None or (save_every and step % save_every == 0 and step < len(batches)):
                     save_state(state_file, Progress(epoch, step), model, optimizer, scheduler, settings)
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, Progress(epoch, step), state_file)
+            bar.close()
             scheduler.step()
             save_tensors(model.state_dict(), paths[epoch - 1], overwrite=True)
             save_state(state_file, Progress(epoch + 1, 0), model, optimizer, scheduler, settings)
             log(f"saved {paths[epoch - 1]}")
+            plot_losses(losses.path, out_dir / f"{name}_losses.png")
+            write_image(out_dir / f"{name}_samples_epoch{epoch}.png", sample_grid(*samples()), overwrite=True)
 
 
 def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: int = 4, batch_size: int = 2,
@@ -141,11 +159,18 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
     network = fast_autoencoder(model) if backend == "fast" else model
+    shown = default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]).to(device)
+
+    def samples() -> tuple[list[str], list[list]]:
+        with torch.no_grad():
+            made = network(shown)
+        return ["input", "reconstruction"], [[x[0].cpu().numpy(), y[0].cpu().numpy()] for x, y in zip(shown, made)]
+
     _run_epochs("autoencoder", model, dataset, batch_size,
                 lambda images: autoencoder_loss_terms(network, images.to(device)), optimizer, scheduler, paths,
                 max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
                 settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
-                              backend=backend), log=log)
+                              backend=backend), samples=samples, log=log)
     return model
 
 
@@ -189,8 +214,22 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     def terms_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         return fusion_loss_terms(network, *encoders, pair[0].to(device), pair[1].to(device))
 
+    shown_ir, shown_vis = (x.to(device) for x in default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]))
+
+    def samples() -> tuple[list[str], list[list]]:
+        # Eval mode (running statistics) for the picture, so that it leaves them as training has them.
+        model.eval()
+        try:
+            with torch.no_grad():
+                (ir_shallow, ir_deep), (vis_shallow, vis_deep) = (e.encode(x) for e, x in zip(encoders, (shown_ir, shown_vis)))
+                fused = network(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False, windows=False)
+        finally:
+            model.train()
+        return ["infrared", "visible", "fused"], [[a[0].cpu().numpy(), b[0].cpu().numpy(), f[0].cpu().numpy()]
+                                                  for a, b, f in zip(shown_ir, shown_vis, fused)]
+
     _run_epochs("fusion", model, dataset, batch_size, terms_of_batch, optimizer, scheduler, paths,
                 max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
                 settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
-                              backend=backend), log=log)
+                              backend=backend), samples=samples, log=log)
     return model

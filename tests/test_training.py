@@ -180,6 +180,25 @@ def test_stage_two_encodes_whole_deep_maps_as_released(height, width):
         assert (windowed - whole).abs().max().item() > 1e-2
 
 
+def test_each_epoch_draws_its_curves_and_samples(tmp_path):
+    """Per epoch: the loss curves (a panel per term) and a grid of samples; the loss CSV has a row
+    per step with the loss and its unweighted terms."""
+    import csv
+
+    import cv2
+    train_autoencoder(SyntheticPairs(6, 32, modality="ir"), tmp_path, epochs=2, batch_size=2, backend="reference",
+                      log=lambda line: None)
+    rows = list(csv.DictReader(open(tmp_path / "autoencoder_losses.csv")))
+    assert [(r["epoch"], r["step"]) for r in rows] == [(e, s) for e in "12" for s in "123"]
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(float(r["pixel"]) + 10000 * float(r["ssim"]), rel=1e-6)
+    curves = cv2.imread(str(tmp_path / "autoencoder_losses.png"))
+    assert curves.shape[0] == 3 * 170  # loss, pixel, ssim
+    grid = cv2.imread(str(tmp_path / "autoencoder_samples_epoch2.png"))
+    assert grid.shape == (28 + 4 * (6 + 160), 2 * 160 + 6, 3)  # header, then 4 samples of input | reconstruction
+    assert (tmp_path / "autoencoder_samples_epoch1.png").exists()
+
+
 def test_stage_two_refuses_crops_it_cannot_patch(tmp_path):
     with pytest.raises(ValueError, match="multiples of 16 .* got 72 x 72"):
         train_fusion(SyntheticPairs(2, 72), AutoEncoder(), AutoEncoder(), tmp_path, epochs=1, max_steps=1)
@@ -223,8 +242,9 @@ def test_train_autoencoder_fast_backend(tmp_path, fast_dense_block_calls):
         lambda module, inputs: channels_innermost.append(inputs[0].stride()[1] == 1))
     train_autoencoder(SyntheticPairs(2, 32, modality="vis"), tmp_path, epochs=1, max_steps=1, autoencoder=autoencoder,
                       backend="fast", log=lambda line: None)
-    assert (tmp_path / "autoencoder_epoch1.model").exists() and channels_innermost == [True]
-    assert len(fast_dense_block_calls) == 2, "backend='fast' trained without the fast autoencoder"
+    # One training step and the epoch's sample picture: two forwards.
+    assert (tmp_path / "autoencoder_epoch1.model").exists() and channels_innermost == [True, True]
+    assert len(fast_dense_block_calls) == 4, "backend='fast' trained without the fast autoencoder"
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         train_autoencoder(SyntheticPairs(2, 32), tmp_path / "other", epochs=1, backend="triton")
 
@@ -241,8 +261,9 @@ def test_train_fusion_fast_backend(tmp_path, fast_fusion_calls, fast_dense_block
     assert isinstance(fusion, FusionNet) and (tmp_path / "fusion_epoch1.model").exists()
     assert any(line.startswith("fusion epoch 1 step 1 loss") for line in logs)
     assert calls, "backend='fast' trained without the fast fusion network"
-    assert len(fast_dense_block_calls) == 4, "backend='fast' encoded without the fast autoencoders"
-    assert channels_innermost == [True], "the fast backend's CPU convolutions run in channels_last"
+    # One training step and the epoch's sample picture: two encodings of each modality.
+    assert len(fast_dense_block_calls) == 8, "backend='fast' encoded without the fast autoencoders"
+    assert channels_innermost == [True, True], "the fast backend's CPU convolutions run in channels_last"
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         train_fusion(SyntheticPairs(2, 64), AutoEncoder(), AutoEncoder(), tmp_path / "other", epochs=1,
                      backend="triton")
