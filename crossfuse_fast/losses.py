@@ -133,11 +133,17 @@ def fusion_loss(fusion_net: nn.Module, ir_autoencoder: nn.Module, vis_autoencode
 
 
 def fusion_loss_terms(fusion_net: nn.Module, ir_autoencoder: nn.Module, vis_autoencoder: nn.Module,
-                      ir: torch.Tensor, vis: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`fusion_loss` (``"loss"``) and its unweighted terms ``"order"`` and ``"gradient"``."""
+                      ir: torch.Tensor, vis: torch.Tensor,
+                      deep: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`fusion_loss` (``"loss"``) and its unweighted terms ``"order"`` and ``"gradient"``.
+    ``deep``: the encoders' deep maps of ``ir`` and ``vis`` if already known (a
+    :class:`~crossfuse_fast.feature_cache.DeepMapCache`); then only the shallow maps are computed."""
     with torch.no_grad():
-        ir_shallow, ir_deep = ir_autoencoder.encode(ir)
-        vis_shallow, vis_deep = vis_autoencoder.encode(vis)
+        if deep is None:
+            ir_shallow, ir_deep = ir_autoencoder.encode(ir)
+            vis_shallow, vis_deep = vis_autoencoder.encode(vis)
+        else:
+            (ir_deep, vis_deep), ir_shallow, vis_shallow = deep, ir_autoencoder.shallow(ir), vis_autoencoder.shallow(vis)
     fused = fusion_net(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=False, windows=False)
     order, gradient = order_loss(fused, ir, vis), gradient_loss(fused, ir, vis)
     return {"loss": order + GRADIENT_LOSS_WEIGHT * gradient, "order": order, "gradient": gradient}

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_autoencoder, fast_fusion_net, resolve_backend
 from .checkpoints import save_tensors
+from .feature_cache import DeepMapCache, fingerprint
 from .files import write_image, write_text
 from .losses import autoencoder_loss_terms, fusion_loss_terms
 from .reference import AutoEncoder, FusionNet
@@ -112,7 +113,8 @@ def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size:
                        unit="batch", disable=None, leave=False)
             began = time.perf_counter()
             for step in range(first, len(batches) + 1):
-                terms = terms_of_batch(default_collate([dataset[i] for i in batches[step - 1]]))
+                indices = batches[step - 1]
+                terms = terms_of_batch(default_collate([dataset[i] for i in indices]), indices)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()
@@ -167,7 +169,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
         return ["input", "reconstruction"], [[x[0].cpu().numpy(), y[0].cpu().numpy()] for x, y in zip(shown, made)]
 
     _run_epochs("autoencoder", model, dataset, batch_size,
-                lambda images: autoencoder_loss_terms(network, images.to(device)), optimizer, scheduler, paths,
+                lambda images, indices: autoencoder_loss_terms(network, images.to(device)), optimizer, scheduler, paths,
                 max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
                 settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
                               backend=backend), samples=samples, log=log)
@@ -180,7 +182,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                  device: str | torch.device = "cpu", max_steps: int | None = None,
                  fusion: FusionNet | None = None, overwrite: bool = False, seed: int = 0,
                  backend: str = DEFAULT_BACKEND, resume: bool = False, save_every: int | None = 100,
-                 log: Callable[[str], None] = print) -> FusionNet:
+                 cache_features: bool = False, log: Callable[[str], None] = print) -> FusionNet:
     """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255, or another
     size whose sides are multiples of 16: the cross encoder runs on each whole deep map, as the
     released training does, docs/model.md#stage-2-training).
@@ -189,6 +191,10 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on. State,
     loss terms (``fusion_losses.csv``), ``resume`` and stops as in :func:`train_autoencoder`.
+    ``cache_features`` computes the frozen encoders' deep maps of the whole data set once, into
+    ``fusion_deep_maps.npy`` in ``out_dir`` (1 MB per 256 x 256 pair, reused by resumes), and
+    steps read them (:class:`~crossfuse_fast.feature_cache.DeepMapCache`): the same loss up to
+    float rounding, faster where encoding is a large part of a step (bench/NOTES.md).
     ``backend`` is as in :func:`crossfuse_fast.fuse` (``"auto"``: the fast path where Triton is
     installed); the fast path trains the same parameters through
     :class:`crossfuse_fast.fast.FastFusionNet` on the frozen encoders'
@@ -211,8 +217,12 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     encoders = ((fast_autoencoder(ir_autoencoder), fast_autoencoder(vis_autoencoder)) if backend == "fast"
                 else (ir_autoencoder, vis_autoencoder))
 
-    def terms_of_batch(pair: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return fusion_loss_terms(network, *encoders, pair[0].to(device), pair[1].to(device))
+    cache = (DeepMapCache(out_dir, dataset, encoders, fingerprint(ir_autoencoder, vis_autoencoder), batch_size, device)
+             if cache_features else None)
+
+    def terms_of_batch(pair: tuple[torch.Tensor, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+        return fusion_loss_terms(network, *encoders, pair[0].to(device), pair[1].to(device),
+                                 deep=cache[indices] if cache is not None else None)
 
     shown_ir, shown_vis = (x.to(device) for x in default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]))
 
@@ -231,5 +241,5 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     _run_epochs("fusion", model, dataset, batch_size, terms_of_batch, optimizer, scheduler, paths,
                 max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
                 settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
-                              backend=backend), samples=samples, log=log)
+                              backend=backend, cache_features=cache_features), samples=samples, log=log)
     return model

@@ -199,6 +199,39 @@ def test_each_epoch_draws_its_curves_and_samples(tmp_path):
     assert (tmp_path / "autoencoder_samples_epoch1.png").exists()
 
 
+def test_cached_deep_maps_give_the_same_training(tmp_path, monkeypatch):
+    """``cache_features``: the deep maps are encoded once (not at every step), reused by a resume,
+    made again for other encoders, and the run's losses and weights are the uncached run's up to
+    float rounding."""
+    import csv
+
+    torch.manual_seed(3)
+    encoders, start = (AutoEncoder(), AutoEncoder()), FusionNet()
+    data = SyntheticPairs(6, 64)
+    kwargs = dict(epochs=2, batch_size=2, backend="reference", log=lambda line: None)
+    plain = train_fusion(data, *encoders, tmp_path / "plain", fusion=copy.deepcopy(start), **kwargs)
+    encodes = []
+    original = AutoEncoder.encode
+    monkeypatch.setattr(AutoEncoder, "encode", lambda self, x: encodes.append(len(x)) or original(self, x))
+    cached = train_fusion(data, *encoders, tmp_path / "cached", fusion=copy.deepcopy(start), cache_features=True,
+                          **kwargs)
+    # Each pair's two images encoded once for the cache, plus the sample picture of each epoch.
+    assert sum(encodes) == 2 * 6 + 2 * 2 * 4
+    assert (tmp_path / "cached" / "fusion_deep_maps.npy").exists()
+    rows = [list(csv.DictReader(open(tmp_path / run / "fusion_losses.csv"))) for run in ("plain", "cached")]
+    for a, b in zip(*rows):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    for name, value in plain.state_dict().items():
+        assert torch.allclose(value, cached.state_dict()[name], rtol=1e-4, atol=1e-6), name
+    encodes.clear()
+    train_fusion(data, *encoders, tmp_path / "cached", fusion=FusionNet(), cache_features=True, resume=True, **kwargs)
+    assert encodes == []  # the run had ended: nothing to do, and the cache was not made again
+    other = (AutoEncoder(), encoders[1])
+    train_fusion(data, *other, tmp_path / "cached", fusion=FusionNet(), cache_features=True, overwrite=True,
+                 **dict(kwargs, epochs=1))
+    assert sum(encodes) >= 2 * 6  # other encoders: the cache is made again
+
+
 def test_stage_two_refuses_crops_it_cannot_patch(tmp_path):
     with pytest.raises(ValueError, match="multiples of 16 .* got 72 x 72"):
         train_fusion(SyntheticPairs(2, 72), AutoEncoder(), AutoEncoder(), tmp_path, epochs=1, max_steps=1)
