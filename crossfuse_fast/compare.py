@@ -75,7 +75,7 @@ def grid_rows(ir, vis, fused: list, pairs_csv=None, limit: int = 4) -> list[list
 def compare_grid(rows: list[list[Path]], names: list[str],
                  crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The grid as a BGR image: a header of ``["infrared", "visible", *names]``, then per row its
-    images at :data:`PANEL_HEIGHT` (the first row's aspect sets the columns' width; other rows
+    images (the pair named after its infrared image in the first one's corner) at :data:`PANEL_HEIGHT` (the first row's aspect sets the columns' width; other rows
     fit in it); with ``crop`` (x, y, width, height in the images' pixels) a
     box marks it on each image and the crop, enlarged, lies under each."""
     columns = ["infrared", "visible", *names]
@@ -99,6 +99,7 @@ def compare_grid(rows: list[list[Path]], names: list[str],
                 cv2.rectangle(marked, (x, y), (x + w - 1, y + h - 1), (0, 0, 255), max(1, height // 200))
                 crops.append(_panel(image[y:y + h, x:x + w], width, max(1, round(width * h / w))))
             panels.append(fit_panel(marked, width, PANEL_HEIGHT))
+        _name_pair(panels[0], paths[0].stem)
         blocks.append(gapped_row(panels))
         if crops:
             blocks.append(gapped_row(crops))
@@ -107,6 +108,13 @@ def compare_grid(rows: list[list[Path]], names: list[str],
     for block in blocks:
         body += [np.full((GAP, header.shape[1], 3), 255, np.uint8), block]
     return np.vstack(body)
+
+
+def _name_pair(panel: np.ndarray, name: str) -> None:
+    """The pair's name in the top-left corner of its first panel, black on white."""
+    size, baseline = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    cv2.rectangle(panel, (0, 0), (size[0] + 6, size[1] + baseline + 6), (255, 255, 255), -1)
+    cv2.putText(panel, name, (3, size[1] + 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
 
 
 def gapped_row(panels: list[np.ndarray]) -> np.ndarray:

@@ -105,6 +105,7 @@ def test_compare_draws_the_grid(folders, tmp_path):
     panel = cv2.cvtColor(image[34:274, 2 * 286:2 * 286 + 280], cv2.COLOR_BGR2GRAY)
     average = cv2.imread(str(folders / "average" / "IR1.png"), cv2.IMREAD_GRAYSCALE)
     assert np.abs(panel.astype(int) - cv2.resize(average, (280, 240), interpolation=cv2.INTER_NEAREST)).mean() < 1
+    assert (image[34:40, 0:10] == 255).all()  # the pair's name on white in the first panel's corner
     cropped = tmp_path / "cropped.png"
     run = crossfuse("compare", str(folders / "ir" / "IR1.png"), str(folders / "vis" / "VIS1.png"), *(
         str(Path(m) / "IR1.png") for m in methods), "--out", str(cropped), "--crop", "10,8,20,10")
