@@ -41,11 +41,14 @@ class Scores:
 
 
 def read_grey(path: Path) -> np.ndarray:
-    """An image file as float64 grey levels: colour through OpenCV's BGR -> grey, 16-bit as is.
-    ``ValueError`` naming the file if it cannot be read."""
+    """An 8-bit image file as float64 grey levels 0..255, colour through OpenCV's BGR -> grey.
+    ``ValueError`` naming the file if it cannot be read or is not 8-bit."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"{path}: not a readable image")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{path}: a {image.dtype} image; the metrics are defined on 8-bit grey levels, so convert "
+                         "it to 8 bits first (as the fused image would be saved)")
     if image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
     elif image.ndim == 3 and image.shape[2] == 3:

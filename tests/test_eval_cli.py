@@ -77,6 +77,10 @@ def test_eval_reports_what_it_leaves_out(folders, tmp_path):
     assert run.returncode == 2
     assert [r["image"] for r in csv.DictReader(io.StringIO(run.stdout))] == ["IR1", "mean"]
     assert "no fused image named IR3" in run.stderr and "IR2.png: not a readable image" in run.stderr
+    wide = tmp_path / "wide.png"
+    cv2.imwrite(str(wide), cv2.imread(str(fused / "IR1.png"), cv2.IMREAD_UNCHANGED).astype(np.uint16) * 257)
+    run = crossfuse("eval", str(wide), "--ir", str(folders / "ir" / "IR1.png"), "--vis", str(folders / "vis" / "VIS1.png"))
+    assert run.returncode == 2 and "wide.png" in run.stderr and "a uint16 image" in run.stderr
 
 
 @pytest.mark.parametrize("argv,message", [
