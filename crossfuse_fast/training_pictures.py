@@ -20,7 +20,9 @@ SAMPLE_SIDE = 160
 
 def plot_losses(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
     """One panel per column of a ``<stage>_losses.csv`` (the loss, then each term), against the
-    step over the whole run; epochs are marked by grey lines, each panel says its range."""
+    step over the whole run; epochs are marked by grey lines, each panel says its range. A column
+    whose positive values span more than a factor of 10 is drawn on a log scale (the panel says so),
+    so that the late, slow part of the curve is not flattened by the first steps."""
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     columns, data = rows[0][2:], np.array([[float(v) for v in r] for r in rows[1:]])
@@ -37,12 +39,16 @@ def plot_losses(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Pat
             x = int(round((xs[boundary] + xs[boundary + 1]) / 2))
             cv2.line(panel, (x, top + 1), (x, bottom - 1), (200, 200, 200), 1)
         low, high = float(values.min()), float(values.max())
-        span = high - low if high > low else 1.0
-        ys = bottom - (values - low) / span * (bottom - top)
+        logarithmic = low > 0 and high > 10 * low
+        shown = np.log10(values) if logarithmic else values
+        shown_low, shown_high = float(shown.min()), float(shown.max())
+        span = shown_high - shown_low if shown_high > shown_low else 1.0
+        ys = bottom - (shown - shown_low) / span * (bottom - top)
         points = np.stack([xs, ys], 1).round().astype(np.int32)
         cv2.polylines(panel, [points], False, (180, 90, 0), 1, cv2.LINE_AA)
         text = cv2.FONT_HERSHEY_SIMPLEX
-        cv2.putText(panel, f"{name} (last {values[-1]:.4g})", (left, 18), text, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        title = f"{name} (last {values[-1]:.4g})" + (", log scale" if logarithmic else "")
+        cv2.putText(panel, title, (left, 18), text, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(panel, f"{high:.4g}", (4, top + 10), text, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(panel, f"{low:.4g}", (4, bottom), text, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         cv2.putText(panel, f"step 1 .. {count} (epochs {epochs[0]}..{epochs[-1]})", (left, PANEL_HEIGHT - 5), text,
