@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .evaluation import _fused_file, score_triples
+from .evaluation import fused_file, score_triples
 
 PANEL_HEIGHT = 240
 """Height in pixels of each image in the grid (widths keep the aspect ratio)."""
@@ -62,7 +62,7 @@ def grid_rows(ir, vis, fused: list, pairs_csv=None, limit: int = 4) -> list[list
     first, _ = score_triples(fused[0], ir, vis, pairs_csv)
     rows = []
     for _, ir_path, vis_path in first:
-        methods = [_fused_file(Path(folder), ir_path) if Path(folder).is_dir() else Path(folder) for folder in fused]
+        methods = [fused_file(Path(folder), ir_path) if Path(folder).is_dir() else Path(folder) for folder in fused]
         if all(m is not None for m in methods):
             rows.append([ir_path, vis_path, *methods])
         if len(rows) == limit:

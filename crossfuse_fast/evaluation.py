@@ -56,7 +56,7 @@ def read_grey(path: Path) -> np.ndarray:
     return image.reshape(image.shape[:2]).astype(np.float64)
 
 
-def _fused_file(fused: Path, ir: Path) -> Path | None:
+def fused_file(fused: Path, ir: Path) -> Path | None:
     """The fused image of the pair whose infrared image is ``ir``: same stem as ``ir`` (as
     ``crossfuse fuse`` names it), else the same name once an ``IR``/``VIS`` prefix is taken off."""
     candidates = [fused / f"{ir.stem}{suffix}" for suffix in IMAGE_SUFFIXES]
@@ -93,7 +93,7 @@ def score_triples(fused, ir, vis, pairs_csv: str | os.PathLike | None = None) ->
         raise ValueError(f"{fused}: not a folder of fused images")
     triples = []
     for ir_path, vis_path in pairs:
-        fused_path = _fused_file(fused, ir_path)
+        fused_path = fused_file(fused, ir_path)
         if fused_path is None:
             problems.append(f"{ir_path}, {vis_path}: no fused image named {ir_path.stem} in {fused}")
         else:

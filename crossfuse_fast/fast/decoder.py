@@ -56,21 +56,20 @@ class FastFusionDecoder(nn.Module):
 
     def deep_sum(self, fused: Tensor, ir_deep: Tensor, vis_deep: Tensor) -> Tensor:
         """``FusionDecoder.deep_sum``, ``conv_de`` by its algebra where it holds."""
-        box_values = self._box_values.get()
-        if box_values is None:
-            return self.reference.deep_sum(fused, ir_deep, vis_deep)
-        on_triton = self._on_triton(ir_deep, vis_deep)
-        weighted_sum = kernels.deep_weighted_sum if on_triton else kernels.deep_weighted_sum_torch
-        return weighted_sum(fused, ir_deep, vis_deep, 9.0 * box_values[0])
+        return self._weighted_sum("deep", fused, ir_deep, vis_deep)
 
     def shallow_sum(self, y: Tensor, ir_shallow: Tensor, vis_shallow: Tensor) -> Tensor:
         """``FusionDecoder.shallow_sum``, ``conv_sh`` by its algebra where it holds."""
+        return self._weighted_sum("shallow", y, ir_shallow, vis_shallow)
+
+    def _weighted_sum(self, kind: str, base: Tensor, ir: Tensor, vis: Tensor) -> Tensor:
+        """The ``kind`` ("deep" or "shallow") weighted sum: the reference's where the box filters are
+        not uniform, else the fused op (kernel or twin) with nine times the box's value."""
         box_values = self._box_values.get()
         if box_values is None:
-            return self.reference.shallow_sum(y, ir_shallow, vis_shallow)
-        on_triton = self._on_triton(ir_shallow, vis_shallow)
-        weighted_sum = kernels.shallow_weighted_sum if on_triton else kernels.shallow_weighted_sum_torch
-        return weighted_sum(y, ir_shallow, vis_shallow, 9.0 * box_values[1])
+            return getattr(self.reference, f"{kind}_sum")(base, ir, vis)
+        name = f"{kind}_weighted_sum" if self._on_triton(ir, vis) else f"{kind}_weighted_sum_torch"
+        return getattr(kernels, name)(base, ir, vis, 9.0 * box_values[0 if kind == "deep" else 1])
 
     def upsampled(self, y: Tensor) -> Tensor:
         """``FusionDecoder.upsampled`` with its BatchNorms folded in inference and its upsamplings
