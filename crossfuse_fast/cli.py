@@ -265,24 +265,34 @@ def _command_fuse(args: argparse.Namespace) -> int:
 
 
 def _command_train_autoencoder(args: argparse.Namespace) -> None:
+    from .distributed import join, leave
     from .train import train_autoencoder
     dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
                if args.synthetic else ImageFolder(args.images, args.size))
-    train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      device=_device(args.device), max_steps=args.max_steps, overwrite=args.overwrite,
-                      backend=_backend(args), seed=args.seed, resume=args.resume, save_every=args.save_every)
+    device = join(_device(args.device))
+    try:
+        train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          device=device, max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args),
+                          seed=args.seed, resume=args.resume, save_every=args.save_every, keep=args.keep)
+    finally:
+        leave()
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
+    from .distributed import join, leave
     from .train import train_fusion
     dataset = (SyntheticPairs(args.synthetic, args.size) if args.synthetic
                else PairedFolders(args.ir, args.vis, args.size))
     ir_autoencoder = load_into(AutoEncoder(), args.ir_autoencoder, "an infrared autoencoder checkpoint")
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
-    train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, device=_device(args.device), max_steps=args.max_steps,
-                 overwrite=args.overwrite, backend=_backend(args), seed=args.seed, resume=args.resume,
-                 save_every=args.save_every, cache_features=args.cache_features)
+    device = join(_device(args.device))
+    try:
+        train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, device=device, max_steps=args.max_steps,
+                     overwrite=args.overwrite, backend=_backend(args), seed=args.seed, resume=args.resume,
+                     save_every=args.save_every, cache_features=args.cache_features, keep=args.keep)
+    finally:
+        leave()
 
 
 def _command_synthetic(args: argparse.Namespace) -> None:
@@ -415,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("train-autoencoder", "stage 1: train one modality's autoencoder"),
                            ("train-fusion", "stage 2: train the fusion network on frozen encoders")):
-        sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".",
-                                  formatter_class=formatter)
+        sub = commands.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ". Under "
+                                  f"torchrun (torchrun --nproc-per-node N -m crossfuse_fast {name} ...) the processes "
+                                  "train one model together (docs/training.md).", formatter_class=formatter)
         stage1 = name == "train-autoencoder"
         if stage1:
             sub.add_argument("--images", help="folder of training images of one modality")
@@ -435,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="train on N synthetic images/pairs instead of folders")
         sub.add_argument("--out", required=True, help="folder for the per-epoch checkpoints")
         sub.add_argument("--epochs", type=_positive, default=4 if stage1 else 32, help="passes over the data")
-        sub.add_argument("--batch-size", type=_positive, default=2 if stage1 else 8, help="images per step")
+        sub.add_argument("--batch-size", type=_positive, default=2 if stage1 else 8,
+                         help="images per step (under torchrun: of all processes together, split evenly)")
         sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3,
                          help="Adam's learning rate (x 0.1 from the third epoch on)")
         sub.add_argument("--size", type=_at_least_8 if stage1 else _multiple_of_16, default=256,
@@ -448,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="save the run's whole state every N steps (and at each epoch's end), for --resume")
         sub.add_argument("--resume", action="store_true", help="continue the interrupted run in --out exactly "
                          "(the same command and settings); SIGINT or SIGTERM stops a run with its state saved")
+        sub.add_argument("--keep", type=_positive, metavar="N", help="keep only the last N epochs' checkpoints "
+                         "(default: all)")
         sub.add_argument("--overwrite", action="store_true", help="start again, replacing the checkpoints and state "
                          "in --out")
         sub.set_defaults(run=_command_train_autoencoder if stage1 else _command_train_fusion)

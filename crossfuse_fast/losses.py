@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import Ranks
 from .reference.functional import LAPLACIAN
 
 MSSSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -32,16 +33,19 @@ def gaussian_window(size: int, sigma: float = 1.5, channels: int = 1, device=Non
     return (g[:, None] @ g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11,
+         ranks: Ranks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ssim, cs)`` of the pytorch-msssim variant: valid Gaussian filtering, batch means.
 
     The dynamic range comes from ``a`` alone: ``(255 if max(a) > 128 else 1) -
-    (-1 if min(a) < -0.5 else 0)``.
+    (-1 if min(a) < -0.5 else 0)``. With ``ranks`` of several processes, each holding an equal
+    part of the batch, the maxima and means are those of the whole batch (crossfuse_fast.distributed).
     """
+    many = ranks is not None and ranks.world > 1
     # As tensors, not Python branches, so torch.compile traces one graph; in float64, so the
     # constants below round to the input's dtype exactly as the Python floats they replace.
-    max_value = torch.where(a.max() > 128, 255.0, 1.0).double()
-    min_value = torch.where(a.min() < -0.5, -1.0, 0.0).double()
+    max_value = torch.where((ranks.max(a.max()) if many else a.max()) > 128, 255.0, 1.0).double()
+    min_value = torch.where((ranks.min(a.min()) if many else a.min()) < -0.5, -1.0, 0.0).double()
     dynamic_range = max_value - min_value
     channels, height, width = a.shape[1:]
     window = gaussian_window(min(window_size, height, width), channels=channels, device=a.device, dtype=a.dtype)
@@ -57,20 +61,23 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window_size: int = 11) -> tuple[torch
     c2 = (0.03 * dynamic_range) ** 2
     contrast = (2.0 * cov + c2) / (var_a + var_b + c2)
     ssim_map = (2.0 * mu_a * mu_b + c1) * (2.0 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    if many:
+        count = ssim_map.numel() * ranks.world
+        return ranks.sum(ssim_map.sum()) / count, ranks.sum(contrast.sum()) / count
     return ssim_map.mean(), contrast.mean()
 
 
-def msssim(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def msssim(a: torch.Tensor, b: torch.Tensor, normalize: bool = True, ranks: Ranks | None = None) -> torch.Tensor:
     """Five-scale MS-SSIM of the pytorch-msssim variant (``a`` the reconstruction, ``b`` the input).
 
     ``prod_{i<4}(cs_i^w_i * ssim_4^w_4)``, with ``(v + 1) / 2`` applied to every value when
-    ``normalize``.
+    ``normalize``. ``ranks``: as in :func:`ssim` (the MS-SSIM of the batch of all processes).
     """
     sims, contrasts = [], []
     for scale in range(len(MSSSIM_WEIGHTS)):
         if scale:
             a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
-        sim, contrast = ssim(a, b)
+        sim, contrast = ssim(a, b, ranks=ranks)
         sims.append(sim)
         contrasts.append(contrast)
     sims, contrasts = torch.stack(sims), torch.stack(contrasts)
@@ -85,12 +92,15 @@ def autoencoder_loss(autoencoder: nn.Module, images: torch.Tensor) -> torch.Tens
     return autoencoder_loss_terms(autoencoder, images)["loss"]
 
 
-def autoencoder_loss_terms(autoencoder: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def autoencoder_loss_terms(autoencoder: nn.Module, images: torch.Tensor,
+                           ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
     """:func:`autoencoder_loss` (``"loss"``) and its unweighted terms: ``"pixel"`` the MSE,
-    ``"ssim"`` ``1 - msssim``."""
+    ``"ssim"`` ``1 - msssim``. With ``ranks`` of several processes (each holding an equal part of
+    the batch) ``"ssim"`` is that of the whole batch and ``"pixel"`` this process's part, so that
+    DDP's averaged gradients are those of the whole batch's loss (crossfuse_fast.distributed)."""
     reconstruction = autoencoder(images)
     pixel = F.mse_loss(reconstruction, images)
-    ssim = 1.0 - msssim(reconstruction, images, normalize=True)
+    ssim = 1.0 - msssim(reconstruction, images, normalize=True, ranks=ranks)
     return {"loss": pixel + MSSSIM_LOSS_WEIGHT * ssim, "pixel": pixel, "ssim": ssim}
 
 

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_autoencoder, fast_fusion_net, resolve_backend
 from .checkpoints import save_tensors
+from .distributed import Ranks, with_global_batch_norms
 from .feature_cache import DeepMapCache, fingerprint
 from .files import write_image, write_text
 from .losses import autoencoder_loss_terms, fusion_loss_terms
@@ -85,56 +88,89 @@ class _LossLog:
             handle.write(f"{epoch},{step}," + ",".join(repr(terms[c]) for c in self.columns) + "\n")
 
 
+def _processes(batch_size: int, log: Callable[[str], None]) -> tuple[Ranks, Callable[[str], None]]:
+    """This process's ranks (one process unless a process group is made: torchrun) and its log
+    (rank 0's only); ``ValueError`` when the global batch does not split evenly."""
+    ranks = Ranks.current()
+    if batch_size % ranks.world:
+        raise ValueError(f"the batch of {batch_size} does not split evenly over {ranks.world} processes; "
+                         "--batch-size is the global batch (all processes together)")
+    return ranks, (log if ranks.main else (lambda line: None))
+
+
+def _across_processes(network: torch.nn.Module, ranks: Ranks, device: torch.device | str,
+                      unused_parameters: bool) -> torch.nn.Module:
+    """``network`` in DistributedDataParallel when there are several processes. Buffers are not
+    broadcast: the only ones, BatchNorm running statistics, are the same in every process
+    (:class:`~crossfuse_fast.distributed.GlobalBatchNorm2d`)."""
+    if ranks.world == 1:
+        return network
+    device = torch.device(device)
+    return DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=unused_parameters)
+
+
 def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size: int, terms_of_batch: Callable,
                 optimizer: torch.optim.Optimizer, scheduler, paths: list[Path], *, max_steps: int | None,
-                overwrite: bool, resume: bool, save_every: int | None, seed: int, settings: dict,
-                samples: Callable[[], tuple[list[str], list[list]]], log: Callable[[str], None]) -> None:
-    """One pass over the data per checkpoint path, saving the model's state dict after each.
+                overwrite: bool, resume: bool, save_every: int | None, keep: int | None, seed: int,
+                settings: dict, samples: Callable[[], tuple[list[str], list[list]]], ranks: Ranks,
+                device: torch.device | str, log: Callable[[str], None]) -> None:
+    """One pass over the data per checkpoint path, saving the model's state dict after each (the
+    last ``keep`` of them kept, when given).
 
     The run's whole state goes to ``<name>_state.pt`` every ``save_every`` steps and at each
     epoch's end; ``resume`` continues from it (crossfuse_fast.resume). SIGINT or SIGTERM stops the
     run after the step under way, with its state saved (:class:`Interrupted`). At each epoch's end
     the loss curves are drawn to ``<name>_losses.png`` and ``samples()`` (column names and rows of
     images) to ``<name>_samples_epoch<n>.png``; a progress bar shows the loss and images per second.
+    With several processes (``ranks``) each takes its equal, contiguous part of every batch; rank 0
+    alone reads the state and writes every file, and all stop at the same step.
     """
     out_dir = paths[0].parent
     state_file = state_path(out_dir, name)
     settings = {"stage": name, "epochs": len(paths), "batch_size": batch_size, "samples": len(dataset),
                 "seed": seed, "max_steps": max_steps, **settings}
-    start = restore(load_state(state_file, settings), model, optimizer, scheduler) if resume else Progress(1, 0)
+    start = (restore(ranks.from_main(lambda: load_state(state_file, settings)), model, optimizer, scheduler)
+             if resume else Progress(1, 0))
     if resume:
         log(f"resuming {name} from epoch {start.epoch} step {start.step}")
-    losses = _LossLog(out_dir, name, start if resume else None)
+    losses = _LossLog(out_dir, name, start if resume else None) if ranks.main else None
+    part = batch_size // ranks.world
     with StopRequests() as stop:
         for epoch in range(start.epoch, len(paths) + 1):
             batches = epoch_batches(len(dataset), batch_size, seed, epoch)[:max_steps]
             first = start.step + 1 if epoch == start.epoch else 1
             bar = tqdm(total=len(batches), initial=first - 1, desc=f"{name} epoch {epoch}/{len(paths)}",
-                       unit="batch", disable=None, leave=False)
+                       unit="batch", disable=None if ranks.main else True, leave=False)
             began = time.perf_counter()
             for step in range(first, len(batches) + 1):
-                indices = batches[step - 1]
+                indices = batches[step - 1][ranks.rank * part:(ranks.rank + 1) * part]
                 terms = terms_of_batch(default_collate([dataset[i] for i in indices]), indices)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 optimizer.step()
-                values = {key: value.item() for key, value in terms.items()}
-                losses.append(epoch, step, values)
-                log(f"{name} epoch {epoch} step {step} loss {values['loss']:.4f}")
-                bar.update()
-                bar.set_postfix(loss=f"{values['loss']:.4g}",
-                                images_per_s=f"{(step - first + 1) * batch_size / (time.perf_counter() - began):.3g}")
-                if stop.signum is not None or (save_every and step % save_every == 0 and step < len(batches)):
+                values = ranks.mean({key: value.item() for key, value in terms.items()}, device)
+                if ranks.main:
+                    losses.append(epoch, step, values)
+                    log(f"{name} epoch {epoch} step {step} loss {values['loss']:.4f}")
+                    bar.update()
+                    rate = (step - first + 1) * batch_size / (time.perf_counter() - began)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}", images_per_s=f"{rate:.3g}")
+                stopping = ranks.any(stop.signum is not None, device)
+                if ranks.main and (stopping or (save_every and step % save_every == 0 and step < len(batches))):
                     save_state(state_file, Progress(epoch, step), model, optimizer, scheduler, settings)
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, Progress(epoch, step), state_file)
+                if stopping:
+                    raise Interrupted(stop.signum or signal.SIGTERM, Progress(epoch, step), state_file)
             bar.close()
             scheduler.step()
-            save_tensors(model.state_dict(), paths[epoch - 1], overwrite=True)
-            save_state(state_file, Progress(epoch + 1, 0), model, optimizer, scheduler, settings)
-            log(f"saved {paths[epoch - 1]}")
-            plot_losses(losses.path, out_dir / f"{name}_losses.png")
-            write_image(out_dir / f"{name}_samples_epoch{epoch}.png", sample_grid(*samples()), overwrite=True)
+            if ranks.main:
+                save_tensors(model.state_dict(), paths[epoch - 1], overwrite=True)
+                save_state(state_file, Progress(epoch + 1, 0), model, optimizer, scheduler, settings)
+                log(f"saved {paths[epoch - 1]}")
+                for old in paths[:max(epoch - keep, 0)] if keep else []:
+                    old.unlink(missing_ok=True)
+                plot_losses(losses.path, out_dir / f"{name}_losses.png")
+                write_image(out_dir / f"{name}_samples_epoch{epoch}.png", sample_grid(*samples()), overwrite=True)
 
 
 def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: int = 4, batch_size: int = 2,
@@ -142,7 +178,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
                       decay: float = 0.1, device: str | torch.device = "cpu", max_steps: int | None = None,
                       autoencoder: AutoEncoder | None = None, overwrite: bool = False, seed: int = 0,
                       backend: str = DEFAULT_BACKEND, resume: bool = False, save_every: int | None = 100,
-                      log: Callable[[str], None] = print) -> AutoEncoder:
+                      keep: int | None = None, log: Callable[[str], None] = print) -> AutoEncoder:
     """Stage 1 on ``dataset`` (items ``[1, H, W]`` on 0..255), writing ``autoencoder_epoch<n>.model``.
 
     Defaults are the released schedule: Adam(lr 1e-4, weight_decay 0.9), batch 2, 4 epochs,
@@ -150,17 +186,24 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
     The run's state is saved every ``save_every`` steps and at each epoch's end, with each step's
     loss terms in ``autoencoder_losses.csv``; ``resume=True`` continues an interrupted run in
     ``out_dir`` exactly (the same settings; crossfuse_fast.resume), and SIGINT or SIGTERM stops
-    it after the step under way with its state saved (raising :class:`Interrupted`).
+    it after the step under way with its state saved (raising :class:`Interrupted`). ``keep``: only
+    the last ``keep`` epochs' checkpoints stay (default all).
     ``backend`` is as in :func:`crossfuse_fast.fuse` (``"auto"``: the fast path where Triton is
     installed); the fast path trains the same parameters through its autoencoder
     (:class:`crossfuse_fast.fast.FastAutoEncoder`, docs/fast-path.md).
+
+    Under torchrun (a default process group made, as ``crossfuse train-autoencoder`` does there)
+    the processes train one model together: ``batch_size`` is the global batch, split evenly, and
+    the result is one process's on that batch up to rounding (docs/training.md#many-processes).
     """
+    ranks, log = _processes(batch_size, log)
     backend = _resolved(backend, log)
-    paths = _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite, resume)
+    paths = ranks.from_main(lambda: _checkpoint_paths(out_dir, "autoencoder", epochs, overwrite, resume))
     torch.manual_seed(seed)
     model = (autoencoder if autoencoder is not None else AutoEncoder()).to(device).train()
     optimizer, scheduler = _adam_with_step_decay(model.parameters(), lr, weight_decay, decay_from_epoch, decay)
     network = fast_autoencoder(model) if backend == "fast" else model
+    trained = _across_processes(network, ranks, device, unused_parameters=False)
     shown = default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]).to(device)
 
     def samples() -> tuple[list[str], list[list]]:
@@ -169,10 +212,11 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
         return ["input", "reconstruction"], [[x[0].cpu().numpy(), y[0].cpu().numpy()] for x, y in zip(shown, made)]
 
     _run_epochs("autoencoder", model, dataset, batch_size,
-                lambda images, indices: autoencoder_loss_terms(network, images.to(device)), optimizer, scheduler, paths,
-                max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
-                settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
-                              backend=backend), samples=samples, log=log)
+                lambda images, indices: autoencoder_loss_terms(trained, images.to(device), ranks), optimizer, scheduler,
+                paths, max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, keep=keep,
+                seed=seed, settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch,
+                                         decay=decay, backend=backend), samples=samples, ranks=ranks, device=device,
+                log=log)
     return model
 
 
@@ -182,7 +226,8 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                  device: str | torch.device = "cpu", max_steps: int | None = None,
                  fusion: FusionNet | None = None, overwrite: bool = False, seed: int = 0,
                  backend: str = DEFAULT_BACKEND, resume: bool = False, save_every: int | None = 100,
-                 cache_features: bool = False, log: Callable[[str], None] = print) -> FusionNet:
+                 cache_features: bool = False, keep: int | None = None,
+                 log: Callable[[str], None] = print) -> FusionNet:
     """Stage 2 on ``dataset`` (items ``(ir, vis)``, each ``[1, 256, 256]`` on 0..255, or another
     size whose sides are multiples of 16: the cross encoder runs on each whole deep map, as the
     released training does, docs/model.md#stage-2-training).
@@ -190,7 +235,10 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     The encoders stay frozen; only the fusion network's trainable parameters are optimised.
     Writes ``fusion_epoch<n>.model``. Defaults are the released schedule: Adam(lr 1e-3,
     weight_decay 0.9), batch 8, 32 epochs, learning rate x 0.1 from the third epoch on. State,
-    loss terms (``fusion_losses.csv``), ``resume`` and stops as in :func:`train_autoencoder`.
+    loss terms (``fusion_losses.csv``), ``resume``, stops, ``keep`` and many processes as in
+    :func:`train_autoencoder`; with several processes the fusion network's BatchNorms become
+    :class:`~crossfuse_fast.distributed.GlobalBatchNorm2d` (statistics of the global batch, the
+    same state dict).
     ``cache_features`` computes the frozen encoders' deep maps of the whole data set once, into
     ``fusion_deep_maps.npy`` in ``out_dir`` (1 MB per 256 x 256 pair, reused by resumes), and
     steps read them (:class:`~crossfuse_fast.feature_cache.DeepMapCache`): the same loss up to
@@ -204,16 +252,24 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
     if height % 16 or width % 16:
         raise ValueError(f"stage 2 needs crops whose sides are multiples of 16 (the cross encoder reads the whole "
                          f"deep map in 2 x 2 patches, as released), got {height} x {width}")
+    ranks, log = _processes(batch_size, log)
+    if cache_features and ranks.world > 1:
+        raise ValueError("--cache-features runs in one process (the cache is one file for the whole data set); "
+                         "under torchrun each process encodes its own part of each batch")
     backend = _resolved(backend, log)
-    paths = _checkpoint_paths(out_dir, "fusion", epochs, overwrite, resume)
+    paths = ranks.from_main(lambda: _checkpoint_paths(out_dir, "fusion", epochs, overwrite, resume))
     torch.manual_seed(seed)
     for encoder in (ir_autoencoder, vis_autoencoder):
         encoder.to(device).eval().requires_grad_(False)
     model = (fusion if fusion is not None else FusionNet()).to(device).train()
+    if ranks.world > 1:
+        with_global_batch_norms(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = _adam_with_step_decay(trainable, lr, weight_decay, decay_from_epoch, decay)
 
     network = fast_fusion_net(model) if backend == "fast" else model
+    # The released loss leaves some parameters without a gradient (tests/test_training.py).
+    trained = _across_processes(network, ranks, device, unused_parameters=True)
     encoders = ((fast_autoencoder(ir_autoencoder), fast_autoencoder(vis_autoencoder)) if backend == "fast"
                 else (ir_autoencoder, vis_autoencoder))
 
@@ -221,7 +277,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
              if cache_features else None)
 
     def terms_of_batch(pair: tuple[torch.Tensor, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
-        return fusion_loss_terms(network, *encoders, pair[0].to(device), pair[1].to(device),
+        return fusion_loss_terms(trained, *encoders, pair[0].to(device), pair[1].to(device),
                                  deep=cache[indices] if cache is not None else None)
 
     shown_ir, shown_vis = (x.to(device) for x in default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]))
@@ -239,7 +295,8 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                                                   for a, b, f in zip(shown_ir, shown_vis, fused)]
 
     _run_epochs("fusion", model, dataset, batch_size, terms_of_batch, optimizer, scheduler, paths,
-                max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, seed=seed,
+                max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, keep=keep, seed=seed,
                 settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
-                              backend=backend, cache_features=cache_features), samples=samples, log=log)
+                              backend=backend, cache_features=cache_features), samples=samples, ranks=ranks,
+                device=device, log=log)
     return model

@@ -123,6 +123,12 @@ def test_training_loops_write_loadable_checkpoints(tmp_path):
         train_fusion(SyntheticPairs(2, 64), ir_ae, vis_ae, tmp_path / "fusion", epochs=1, log=logs.append)
 
 
+def test_keep_leaves_the_last_epochs_only(tmp_path):
+    train_autoencoder(SyntheticPairs(2, 16, modality="ir"), tmp_path, epochs=3, max_steps=1, keep=2,
+                      backend="reference", log=lambda line: None)
+    assert sorted(p.name for p in tmp_path.glob("*.model")) == ["autoencoder_epoch2.model", "autoencoder_epoch3.model"]
+
+
 def test_learning_rate_schedule(tmp_path, monkeypatch):
     autoencoder = AutoEncoder()
     seen = []
