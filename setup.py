@@ -25,6 +25,8 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy"]},
+    extras_require={"export": ["onnx", "onnxruntime"],
+                    "dev": ["pytest", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy",
+                            "onnx", "onnxruntime"]},
     entry_points={"console_scripts": ["crossfuse = crossfuse_fast.cli:main"]},
 )

@@ -32,7 +32,7 @@ from .video import DEFAULT_FRAMES_PER_BATCH, VIDEO_SUFFIXES, fuse_video, is_vide
 from .weights import default_weights_dir
 
 DESCRIPTION = ("Fuse infrared and visible images with CrossFuse, score and compare fused images, train both of its "
-               "stages, write synthetic pairs.")
+               "stages, export it to ONNX, write synthetic pairs.")
 BACKEND_HELP = ("auto: the fast path where Triton is installed, else the reference model (with a notice); "
                 "reference: the reference model; fast: the same weights on the fast path (needs Triton; its fused "
                 "ops run as Triton kernels on a GPU, as their PyTorch twins on a CPU), the same result up to rounding")
@@ -88,6 +88,19 @@ def _tile(text: str) -> int | None:
     if value < DEEP_STEP or value % DEEP_STEP:
         raise argparse.ArgumentTypeError(f"must be a multiple of {DEEP_STEP} pixels, or 0 for never, got {text!r}")
     return value
+
+
+def _add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the weights :func:`_load_model` loads."""
+    weights = parser.add_argument_group("weights", "the released weights unless one of these is given")
+    weights.add_argument("--weights", metavar="PATH", help="a folder holding the three released files under "
+                         "their names, or a bundle written by CrossFuse.save (nothing is downloaded)")
+    weights.add_argument("--weights-dir", metavar="DIR", default=str(default_weights_dir()),
+                         help="where the released weights are fetched to and kept ($CROSSFUSE_WEIGHTS_DIR)")
+    weights.add_argument("--checkpoint", metavar="FILE", help="a bundle written by CrossFuse.save")
+    weights.add_argument("--ir-autoencoder", metavar="FILE", help="an infrared autoencoder .model file")
+    weights.add_argument("--vis-autoencoder", metavar="FILE", help="a visible autoencoder .model file")
+    weights.add_argument("--fusion", metavar="FILE", help="a fusion network .model file")
 
 
 def _load_model(args: argparse.Namespace):
@@ -295,6 +308,32 @@ def _command_train_fusion(args: argparse.Namespace) -> None:
         leave()
 
 
+def _command_export(args: argparse.Namespace) -> None:
+    from .export import MIN_SIDE, export_onnx, onnx_difference
+    output = Path(args.onnx)
+    sources = [Path(p) for p in (args.checkpoint, args.ir_autoencoder, args.vis_autoencoder, args.fusion) if p]
+    if any(output.resolve() == source.resolve() for source in sources):
+        raise ValueError(f"{output}: is one of the weights read; choose another --onnx path")
+    if output.suffix.lower() != ".onnx":
+        raise ValueError(f"{output}: an ONNX file's name ends in .onnx")
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    model = _load_model(args)
+    try:
+        export_onnx(model, output, overwrite=args.overwrite)
+    except ImportError as error:
+        raise ValueError(str(error)) from error
+    print(f"{output}: inputs ir, vis and output fused, [batch, 1, height, width] on 0..255 (sides of {MIN_SIDE} "
+          "pixels or more)")
+    if args.check:
+        try:
+            difference = onnx_difference(model, output)
+        except ImportError as error:
+            raise ValueError(f"--check runs the file in onnxruntime, which is not installed ({error.name}); "
+                             "pip install onnxruntime") from error
+        print(f"{output}: largest difference from PyTorch in onnxruntime: {difference:.3g} grey levels")
+
+
 def _command_synthetic(args: argparse.Namespace) -> None:
     from .synthetic import synthetic_pair
     out = Path(args.out)
@@ -399,15 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--out", required=True, help="output image, folder for folder and CSV jobs (one PNG per "
                       "pair, named after the infrared image), or video (at the inputs' frame rate); existing "
                       "outputs are skipped, so a run resumes")
-    weights = fuse.add_argument_group("weights", "the released weights unless one of these is given")
-    weights.add_argument("--weights", metavar="PATH", help="a folder holding the three released files under "
-                         "their names, or a bundle written by CrossFuse.save (nothing is downloaded)")
-    weights.add_argument("--weights-dir", metavar="DIR", default=str(default_weights_dir()),
-                         help="where the released weights are fetched to and kept ($CROSSFUSE_WEIGHTS_DIR)")
-    weights.add_argument("--checkpoint", metavar="FILE", help="a bundle written by CrossFuse.save")
-    weights.add_argument("--ir-autoencoder", metavar="FILE", help="an infrared autoencoder .model file")
-    weights.add_argument("--vis-autoencoder", metavar="FILE", help="a visible autoencoder .model file")
-    weights.add_argument("--fusion", metavar="FILE", help="a fusion network .model file")
+    _add_weight_arguments(fuse)
     fuse.add_argument("--uint16-scaling", choices=UINT16_SCALINGS, default=DEFAULT_UINT16_SCALING,
                       help="how 16-bit images map to 0..255: minmax stretches each image's own range, full "
                       "divides by 257")
@@ -498,6 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--limit", type=_positive, default=4, help="pairs shown when IR and VIS are folders")
     compare.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     compare.set_defaults(run=_command_compare)
+
+    export = commands.add_parser("export", help="write the model as an ONNX file (any batch, height and width)",
+                                 description="Write the model (the released weights unless given) as an ONNX file: "
+                                 "inputs ir and vis, output fused, each [batch, 1, height, width] on 0..255 with "
+                                 "the three dimensions dynamic (docs/export.md).", formatter_class=formatter)
+    export.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write (.onnx)")
+    _add_weight_arguments(export)
+    export.add_argument("--check", action="store_true", help="run the file in onnxruntime on random pairs of two "
+                        "sizes and print its largest difference from PyTorch (needs onnxruntime)")
+    export.add_argument("--overwrite", action="store_true", help="replace --onnx if it exists")
+    export.set_defaults(run=_command_export)
 
     synthetic = commands.add_parser("synthetic", help="write synthetic pairs to OUT/ir and OUT/vis",
                                     description="Write synthetic infrared/visible pairs (PNG) to OUT/ir and OUT/vis.",

@@ -39,11 +39,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, reverse:
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, N, heads * d]`` -> ``[B, heads, N, d]``: channel ``head * d + i`` is head ``head``.
 
-    A view wherever ``reshape`` can make one (always for a contiguous ``x``), so kernels may
-    write through it.
+    Always a view (the last dimension split in two), so kernels may write through it. Neither
+    this nor :func:`merge_heads` reads the batch or token count, so that a traced export
+    (crossfuse_fast.export) keeps them dynamic.
     """
-    batch, tokens, channels = x.shape
-    return x.reshape(batch, tokens, heads, channels // heads).transpose(1, 2)
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def split_packed_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
@@ -54,8 +54,7 @@ def split_packed_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.T
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[B, heads, N, d]`` -> ``[B, N, heads * d]``, the inverse of :func:`split_heads`."""
-    batch, heads, tokens, dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
+    return x.transpose(1, 2).flatten(2)
 
 
 def patchify(x: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
