@@ -61,7 +61,8 @@ def test_eval_tables_in_three_formats(folders, tmp_path):
     run = crossfuse("eval", *base, "--convention", "li", "--out", str(out), "--html", str(page))
     assert run.returncode == 0, run.stderr
     text = out.read_text()
-    assert text.startswith("Convention: `li`") and "| mean |" in text and "VIF" not in text  # li's VIF is not here
+    assert text.startswith("Convention: `li`") and "| mean |" in text
+    assert "| VIF |" not in text and "| VIFF |" in text  # li's VIF is not here
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 9 and "<code>li</code>" in html and "<b>mean</b>" in html
     again = crossfuse("eval", *base, "--out", str(out))

@@ -266,6 +266,15 @@ def test_conventions_reproduce_their_codebases(convention, want):
         close(got[name], [value], 1e-11)
 
 
+def test_viff_reproduces_hans_code():
+    """VIFF against ``VIFF_Public(ir, vis, fused)`` of Han et al. (the authors' MATLAB file, as
+    published) under Octave 7.3, on the integer pattern; an image against itself gives 1 (its
+    distortion variance is floored at 1e-10, so not exactly)."""
+    close(metrics.viff(*_pattern()), [0.27904575432377277], 1e-12)
+    _, ir, _ = _pattern()
+    close(metrics.viff(ir, ir, ir), [0.99999999999973932], 1e-12)
+
+
 def test_fmi_reproduces_haghighats_code():
     """FMI on raw pixels against ``analysis_fmi(a, b, f, 'none')`` of Evaluation-for-Image-Fusion
     (0e87153) under Octave 7.3, on the integer pattern with a window where all three images are

@@ -21,11 +21,11 @@ from .gradient import nabf, qabf
 from .information import mi
 from .statistics import ag, cc, en, psnr, scd, sd, sf
 from .structural import ms_ssim, ssim
-from .vif import vif
+from .vif import vif, viff
 
 METRICS: dict[str, Callable[..., Tensor]] = {
     "EN": en, "SD": sd, "SF": sf, "AG": ag, "MI": mi, "SCD": scd, "CC": cc, "PSNR": psnr,
-    "SSIM": ssim, "MS-SSIM": ms_ssim, "VIF": vif, "Qabf": qabf, "Nabf": nabf, "FMI_pixel": fmi_pixel,
+    "SSIM": ssim, "MS-SSIM": ms_ssim, "VIF": vif, "VIFF": viff, "Qabf": qabf, "Nabf": nabf, "FMI_pixel": fmi_pixel,
     "FMI_dct": fmi_dct,
 }
 """Every metric by the name papers use."""
@@ -61,4 +61,4 @@ def evaluate(fused, ir, vis, convention: str = "standard", metrics: str | Sequen
 
 __all__ = ["CONVENTIONS", "HIGHER_IS_BETTER", "METRICS", "NOT_IMPLEMENTED", "ag", "available", "cc", "en", "evaluate",
            "fmi_dct", "fmi_pixel", "metric_names", "mi", "ms_ssim", "nabf", "psnr", "qabf", "scd", "sd", "sf", "ssim",
-           "vif"]
+           "vif", "viff"]

@@ -1,5 +1,6 @@
 """Visual information fidelity in the pixel domain, VIFp (Sheikh and Bovik 2006, ``vifp_mscale``),
-between each source (the reference) and the fused image (the distorted one).
+between each source (the reference) and the fused image (the distorted one), and VIFF, its
+fusion form (Han et al. 2013), on the same per-scale model.
 
 Signature and result as in :mod:`.statistics`.
 """
@@ -12,14 +13,16 @@ from ._images import as_batches, check_convention, correlate, matlab_gaussian
 
 NOISE_VARIANCE = 2.0
 EPS = 1e-10
+VIFF_NOISE_VARIANCE = 0.005 * 255 * 255
+VIFF_C = 1e-7
+VIFF_WEIGHTS = (1.0, 0.0, 0.15, 1.0)
+"""Han et al.'s per-scale weights, divided by their sum (2.15)."""
 
 
-def vifp(reference: Tensor, distorted: Tensor) -> Tensor:
-    """Multiscale VIFp of two ``[B, H, W]`` batches: 4 scales, window ``2^(5-s) + 1`` with sigma
-    window / 5, 'valid' filtering and decimation by 2 between scales, noise variance 2, the
-    usual clamps; one ratio over all scales (not a mean of per-scale ratios)."""
-    num = torch.zeros(reference.shape[0], dtype=torch.float64, device=reference.device)
-    den = torch.zeros_like(num)
+def _scale_statistics(reference: Tensor, distorted: Tensor):
+    """Per scale ``s = 1..4`` of the shared model (Sheikh and Bovik's ``vifp_mscale``, which
+    Han et al.'s ``ComVidVindG`` repeats): ``(g, sigma_r^2, sv^2)`` maps after the clamps, window
+    ``2^(5-s) + 1`` with sigma window / 5, 'valid' filtering and decimation by 2 between scales."""
     for scale in range(1, 5):
         size = 2 ** (5 - scale) + 1
         window = matlab_gaussian(size, size / 5.0)
@@ -43,7 +46,16 @@ def vifp(reference: Tensor, distorted: Tensor) -> Tensor:
         sv = torch.where(flat_distorted, 0.0, sv)
         sv = torch.where(g < 0, var_d, sv)
         g = g.clamp(min=0)
-        sv = sv.clamp(min=EPS)
+        yield g, var_r, sv.clamp(min=EPS)
+
+
+def vifp(reference: Tensor, distorted: Tensor) -> Tensor:
+    """Multiscale VIFp of two ``[B, H, W]`` batches: 4 scales, window ``2^(5-s) + 1`` with sigma
+    window / 5, 'valid' filtering and decimation by 2 between scales, noise variance 2, the
+    usual clamps; one ratio over all scales (not a mean of per-scale ratios)."""
+    num = torch.zeros(reference.shape[0], dtype=torch.float64, device=reference.device)
+    den = torch.zeros_like(num)
+    for g, var_r, sv in _scale_statistics(reference, distorted):
         num += torch.log10(1 + g * g * var_r / (sv + NOISE_VARIANCE)).sum((-2, -1))
         den += torch.log10(1 + var_r / NOISE_VARIANCE).sum((-2, -1))
     return num / den
@@ -60,3 +72,28 @@ def vif(fused, ir, vis, convention: str = "standard") -> Tensor:
         raise NotImplementedError("VIF under the li convention (the wavelet-domain vifvec) is not implemented")
     f, a, b = as_batches(fused, ir, vis)
     return vifp(a, f) + vifp(b, f)
+
+
+def viff(fused, ir, vis, convention: str = "standard") -> Tensor:
+    """VIFF, the fusion VIF of Han, Cai, Cao and Xu (Information Fusion 14(2), 2013; their
+    ``VIFF_Public.m``): the model of :func:`vifp` between each source and the fused image with
+    visual noise ``0.005 * 255^2``; at each position of each scale the source whose gain ``g``
+    is smaller (the visible one where they tie) gives the visual information with distortion
+    ``VID = log10(1 + g^2 sigma_r^2 / (sv^2 + noise))`` and without ``VIND = log10(1 +
+    sigma_r^2 / noise)``; per scale ``sum(VID + C) / sum(VIND + C)`` with ``C = 1e-7`` per
+    position; the result is the weighted sum of the scales, weights ``[1, 0, 0.15, 1] / 2.15``.
+    The same under every convention (none of the codebases computes it differently)."""
+    check_convention(convention)
+    f, a, b = as_batches(fused, ir, vis)
+    total = torch.zeros(f.shape[0], dtype=torch.float64, device=f.device)
+    for weight, (ir_scale, vis_scale) in zip(VIFF_WEIGHTS, zip(_scale_statistics(a, f), _scale_statistics(b, f))):
+        informations = []
+        for g, var_r, sv in (ir_scale, vis_scale):
+            with_distortion = torch.log10(1 + g * g * var_r / (sv + VIFF_NOISE_VARIANCE))
+            informations.append((g, with_distortion, torch.log10(1 + var_r / VIFF_NOISE_VARIANCE)))
+        (g_ir, vid_ir, vind_ir), (g_vis, vid_vis, vind_vis) = informations
+        ir_smaller = g_ir < g_vis
+        vid = torch.where(ir_smaller, vid_ir, vid_vis)
+        vind = torch.where(ir_smaller, vind_ir, vind_vis)
+        total += weight / sum(VIFF_WEIGHTS) * (vid + VIFF_C).sum((-2, -1)) / (vind + VIFF_C).sum((-2, -1))
+    return total
