@@ -18,7 +18,7 @@ import numpy as np
 
 from .metrics import evaluate, metric_names
 from .metrics._images import check_convention
-from .pairing import IMAGE_SUFFIXES, _without_modality, list_images, pair_folders, read_pairs_csv
+from .pairing import IMAGE_SUFFIXES, list_images, pair_folders, read_pairs_csv, without_modality
 
 FORMATS = ("markdown", "csv", "json")
 
@@ -64,8 +64,8 @@ def fused_file(fused: Path, ir: Path) -> Path | None:
     if len(found) == 1:
         return found[0]
     if not found:
-        key = _without_modality(ir)
-        found = [path for path in list_images(fused) if _without_modality(path) == key]
+        key = without_modality(ir)
+        found = [path for path in list_images(fused) if without_modality(path) == key]
         if len(found) == 1:
             return found[0]
     return None

@@ -57,7 +57,9 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _without_modality(path: Path) -> str:
+def without_modality(path: Path) -> str:
+    """A file's pairing name without its modality: the stem, lower case, less a TNO-style ``IR`` /
+    ``VIS`` prefix (``IR12.png`` and ``VIS12.png`` both give ``12``)."""
     return _MODALITY_PREFIX.sub("", path.stem).lower()
 
 
@@ -65,7 +67,7 @@ def pair_folders(ir_folder: str | os.PathLike, vis_folder: str | os.PathLike) ->
     """Pair the images of two folders by stem, or TNO-style by the stem without its ``IR`` / ``VIS``
     prefix where the stems themselves share nothing; ``ValueError`` if no pair can be made."""
     ir_files, vis_files = list_images(ir_folder), list_images(vis_folder)
-    for key in (_stem, _without_modality):
+    for key in (_stem, without_modality):
         ir, ir_ambiguous = _by_key(ir_files, key)
         vis, vis_ambiguous = _by_key(vis_files, key)
         names = sorted(ir.keys() & vis.keys())

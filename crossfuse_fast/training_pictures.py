@@ -39,11 +39,8 @@ def plot_losses(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Pat
             x = int(round((xs[boundary] + xs[boundary + 1]) / 2))
             cv2.line(panel, (x, top + 1), (x, bottom - 1), (200, 200, 200), 1)
         low, high = float(values.min()), float(values.max())
-        logarithmic = low > 0 and high > 10 * low
-        shown = np.log10(values) if logarithmic else values
-        shown_low, shown_high = float(shown.min()), float(shown.max())
-        span = shown_high - shown_low if shown_high > shown_low else 1.0
-        ys = bottom - (shown - shown_low) / span * (bottom - top)
+        heights, logarithmic = curve_heights(values)
+        ys = bottom - heights * (bottom - top)
         points = np.stack([xs, ys], 1).round().astype(np.int32)
         cv2.polylines(panel, [points], False, (180, 90, 0), 1, cv2.LINE_AA)
         text = cv2.FONT_HERSHEY_SIMPLEX
@@ -55,6 +52,16 @@ def plot_losses(csv_path: str | os.PathLike, png_path: str | os.PathLike) -> Pat
                     0.4, (80, 80, 80), 1, cv2.LINE_AA)
         panels.append(panel)
     return write_image(png_path, np.vstack(panels), overwrite=True)
+
+
+def curve_heights(values: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Where :func:`plot_losses` draws ``values``: heights in 0..1 (lowest to highest value), on a
+    log scale where the values are all positive and span more than a factor of 10 (then ``True``)."""
+    low, high = float(values.min()), float(values.max())
+    logarithmic = low > 0 and high > 10 * low
+    shown = np.log10(values) if logarithmic else values
+    shown_low, shown_high = float(shown.min()), float(shown.max())
+    return (shown - shown_low) / (shown_high - shown_low if shown_high > shown_low else 1.0), logarithmic
 
 
 def sample_grid(columns: list[str], rows: list[list[np.ndarray]]) -> np.ndarray:

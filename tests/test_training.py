@@ -2,6 +2,7 @@
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,6 +122,17 @@ def test_training_loops_write_loadable_checkpoints(tmp_path):
     assert any(line.startswith("fusion epoch 2 step 1 loss") for line in logs)
     with pytest.raises(FileExistsError, match="fusion_epoch1.model exists"):
         train_fusion(SyntheticPairs(2, 64), ir_ae, vis_ae, tmp_path / "fusion", epochs=1, log=logs.append)
+
+
+def test_curves_span_a_factor_of_ten_on_a_log_scale():
+    from crossfuse_fast.training_pictures import curve_heights
+    heights, logarithmic = curve_heights(np.array([100.0, 10.0, 1.0]))
+    assert logarithmic and np.allclose(heights, [1.0, 0.5, 0.0])
+    for linear in ([3.0, 2.0, 1.0], [0.0, 50.0, 100.0], [-1.0, 0.0, 1.0]):
+        heights, logarithmic = curve_heights(np.array(linear))
+        assert not logarithmic and np.allclose(heights, [(v - min(linear)) / (max(linear) - min(linear))
+                                                         for v in linear])
+    assert np.array_equal(curve_heights(np.array([5.0, 5.0]))[0], [0.0, 0.0])
 
 
 def test_keep_leaves_the_last_epochs_only(tmp_path):
