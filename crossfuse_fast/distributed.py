@@ -106,6 +106,11 @@ class Ranks:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def wait(self) -> None:
+        """Returns when every process has called it."""
+        if self.world > 1:
+            dist.barrier()
+
     def from_main(self, make: Callable[[], T]) -> T:
         """``make()`` run in rank 0 only and its result (or its ``ValueError``/``OSError``) sent to
         every process, so that they agree, and files need to be seen by rank 0 only."""

@@ -160,6 +160,7 @@ def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size:
                 if ranks.main and (stopping or (save_every and step % save_every == 0 and step < len(batches))):
                     save_state(state_file, Progress(epoch, step), model, optimizer, scheduler, settings)
                 if stopping:
+                    ranks.wait()  # for rank 0's save, so that no process ends while another still works
                     raise Interrupted(stop.signum or signal.SIGTERM, Progress(epoch, step), state_file)
             bar.close()
             scheduler.step()

@@ -6,8 +6,11 @@ additions only (1e-13 and below); the naive split, each process with its own hal
 is shown to be off by far more, so the comparison can fail.
 """
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import distributed_worker as worker
@@ -180,3 +183,50 @@ def test_the_commands_under_torchrun(tmp_path):
     uneven = torchrun("-m", "crossfuse_fast", *stage1[:-1], "3", "--out", str(tmp_path / "three"))
     assert uneven.returncode != 0
     assert uneven.stderr.startswith("crossfuse train-autoencoder: the batch of 3 does not split evenly over 2 processes")
+
+
+def _rank_pids(agent: int, timeout: float = 60.0) -> dict[int, int]:
+    """``{rank: pid}`` of the workers torchrun (``agent``) started, read from their environments."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+            environment = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            rank = [entry for entry in environment if entry.startswith(b"RANK=")]
+            if rank:
+                found[int(rank[0][5:])] = int(child)
+        if len(found) == 2:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("torchrun's workers did not start")
+
+
+def test_a_signal_to_one_process_stops_both_and_resume_is_exact(tmp_path):
+    """SIGTERM to rank 1 alone during the first epoch: both processes stop after the same step
+    (rank 0 saves the state), and the same command with --resume ends with the weights of the two
+    processes left alone, bit for bit."""
+    command = ["-m", "crossfuse_fast", "train-autoencoder", "--synthetic", "8", "--synthetic-modality", "ir",
+               "--size", "48", "--epochs", "2", "--batch-size", "2", "--backend", "reference", "--save-every", "100"]
+    alone = torchrun(*command, "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    out = str(tmp_path / "stopped")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+                   "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              *command, "--out", out], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    workers = _rank_pids(agent.pid)
+    for line in agent.stdout:
+        if line.startswith("autoencoder epoch 1 step 1 "):
+            os.kill(workers[1], signal.SIGTERM)
+            break
+    _, stderr = agent.communicate(timeout=300)
+    assert agent.returncode != 0
+    stops = re.findall(r"stopped by SIGTERM after epoch (\d+) step (\d+)", stderr)
+    assert len(stops) == 2 and stops[0] == stops[1] and stops[0][0] == "1", stderr
+    assert not (tmp_path / "stopped" / "autoencoder_epoch2.model").exists()
+    resumed = torchrun(*command, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = torch.load(tmp_path / "stopped" / "autoencoder_epoch2.model", weights_only=True)
+    want = torch.load(tmp_path / "alone" / "autoencoder_epoch2.model", weights_only=True)
+    assert all(torch.equal(got[k], want[k]) for k in want)
