@@ -25,8 +25,8 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"export": ["onnx", "onnxruntime"],
+    extras_require={"export": ["onnx", "onnxruntime"], "metrics": ["pyrtools"],
                     "dev": ["pytest", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy",
-                            "onnx", "onnxruntime"]},
+                            "onnx", "onnxruntime", "pyrtools"]},
     entry_points={"console_scripts": ["crossfuse = crossfuse_fast.cli:main"]},
 )

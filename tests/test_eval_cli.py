@@ -29,7 +29,7 @@ def folders(tmp_path_factory):
     for name in ("ir", "vis", "average", "maximum"):
         (root / name).mkdir()
     for n in range(1, 4):
-        ir, vis = synthetic_pair(48, 56, seed=n)
+        ir, vis = synthetic_pair(72, 84, seed=n)  # 72: li's VIF takes four pyramid levels
         cv2.imwrite(str(root / "ir" / f"IR{n}.png"), ir)
         cv2.imwrite(str(root / "vis" / f"VIS{n}.png"), vis)
         cv2.imwrite(str(root / "average" / f"IR{n}.png"), ((ir.astype(int) + vis) // 2).astype(np.uint8))
@@ -62,7 +62,7 @@ def test_eval_tables_in_three_formats(folders, tmp_path):
     assert run.returncode == 0, run.stderr
     text = out.read_text()
     assert text.startswith("Convention: `li`") and "| mean |" in text
-    assert "| VIF |" not in text and "| VIFF |" in text  # li's VIF is not here
+    assert "| VIF |" in text and "| FMI_dct |" in text and "| FMI_pixel |" not in text  # li's "FMI_pixel" is not
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 9 and "<code>li</code>" in html and "<b>mean</b>" in html
     again = crossfuse("eval", *base, "--out", str(out))
@@ -87,7 +87,7 @@ def test_eval_reports_what_it_leaves_out(folders, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--convention", "matlab"], "invalid choice: 'matlab'"),
     (["--metrics", "EN,XYZ"], "unknown metric XYZ"),
-    (["--convention", "li", "--metrics", "VIF"], "VIF under the li convention is not implemented"),
+    (["--convention", "li", "--metrics", "FMI_pixel"], "FMI_pixel under the li convention is not implemented"),
     (["--out", "{ir}/table.md"], "inside an input folder"),
 ])
 def test_eval_user_errors_are_one_line(folders, argv, message):
@@ -104,7 +104,7 @@ def test_compare_draws_the_grid(folders, tmp_path):
     run = crossfuse("compare", str(folders / "ir"), str(folders / "vis"), *methods, "--out", str(grid), "--limit", "2")
     assert run.returncode == 0, run.stderr
     image = cv2.imread(str(grid))
-    # A header, then two rows of four 240-pixel-high panels (48 x 56 images: 280 pixels wide) with gaps of 6.
+    # A header, then two rows of four 240-pixel-high panels (72 x 84 images: 280 pixels wide) with gaps of 6.
     assert image.shape == (28 + 2 * (6 + 240), 4 * 280 + 3 * 6, 3)
     # The third column holds the average method's first image, scaled.
     panel = cv2.cvtColor(image[34:274, 2 * 286:2 * 286 + 280], cv2.COLOR_BGR2GRAY)
@@ -116,7 +116,7 @@ def test_compare_draws_the_grid(folders, tmp_path):
         str(Path(m) / "IR1.png") for m in methods), "--out", str(cropped), "--crop", "10,8,20,10")
     assert run.returncode == 0, run.stderr
     assert cv2.imread(str(cropped)).shape == (28 + 6 + 240 + 6 + 140, 4 * 280 + 3 * 6, 3)  # the crop row: 280 x 140
-    for argv, message in ((["--crop", "50,40,20,20"], "is not inside its 56 x 48 pixels"),
+    for argv, message in ((["--crop", "70,60,20,20"], "is not inside its 84 x 72 pixels"),
                           (["--names", "one"], "--names gives 1 names for 2"),
                           (["--out", str(folders / "ir" / "IR1.png"), "--overwrite"], "is an input")):
         args = [str(folders / "ir" / "IR1.png"), str(folders / "vis" / "VIS1.png"), *(str(Path(m) / "IR1.png") for m in methods)]

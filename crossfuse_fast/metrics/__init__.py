@@ -11,6 +11,7 @@ does not compute uses the standard definition.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 
 from torch import Tensor
@@ -31,8 +32,10 @@ METRICS: dict[str, Callable[..., Tensor]] = {
 """Every metric by the name papers use."""
 
 HIGHER_IS_BETTER = {name: name != "Nabf" for name in METRICS}
-NOT_IMPLEMENTED = {("li", "VIF"), ("li", "FMI_pixel"), ("tang", "FMI_pixel")}
-"""``(convention, metric)`` pairs not implemented (their calls raise ``NotImplementedError``)."""
+NOT_IMPLEMENTED = {("li", "FMI_pixel"), ("tang", "FMI_pixel")} | (
+    {("li", "VIF")} if importlib.util.find_spec("pyrtools") is None else set())
+"""``(convention, metric)`` pairs not implemented (their calls raise ``NotImplementedError``); ``li``'s
+VIF where ``pyrtools`` is not installed (``pip install crossfuse-fast[metrics]``)."""
 
 
 def available(convention: str) -> list[str]:

@@ -64,13 +64,22 @@ def vifp(reference: Tensor, distorted: Tensor) -> Tensor:
 def vif(fused, ir, vis, convention: str = "standard") -> Tensor:
     """The pair sum ``VIFp(A, F) + VIFp(B, F)`` (as ``tang`` and ``cddfuse`` compute "VIF").
 
-    ``li`` computes VIF as the pair mean of the wavelet-domain ``vifvec``, which is not
-    implemented: ``NotImplementedError``.
+    ``li`` computes VIF as the pair mean of the wavelet-domain ``vifvec`` on 0..1 images
+    (:func:`.vifvec.vifvec`, with ``pyrtools``; in numpy on the CPU, one image at a time).
     """
     check_convention(convention)
-    if convention == "li":
-        raise NotImplementedError("VIF under the li convention (the wavelet-domain vifvec) is not implemented")
     f, a, b = as_batches(fused, ir, vis)
+    if convention == "li":
+        from .vifvec import vifvec
+        try:
+            import pyrtools  # noqa: F401
+        except ImportError as error:
+            raise NotImplementedError("VIF under the li convention (the wavelet-domain vifvec) needs pyrtools: "
+                                      "pip install pyrtools") from error
+        images = [x.cpu().numpy() / 255.0 for x in (f, a, b)]
+        values = [(vifvec(ir_image, fused_image) + vifvec(vis_image, fused_image)) / 2
+                  for fused_image, ir_image, vis_image in zip(*images)]
+        return torch.tensor(values, dtype=torch.float64, device=f.device)
     return vifp(a, f) + vifp(b, f)
 
 
