@@ -5,7 +5,9 @@ the fusion network and loads the authors' released checkpoints; ``crossfuse_fast
 is the plain-PyTorch model (docs/model.md), ``crossfuse_fast.fast`` the same weights on the fast
 path (docs/fast-path.md) with the Triton kernels of ``crossfuse_fast.kernels``,
 ``crossfuse_fast.backends`` the choice between them, ``crossfuse_fast.losses`` and
-``crossfuse_fast.train`` the two training stages.
+``crossfuse_fast.train`` the two training stages (``crossfuse_fast.distributed`` for many
+processes), ``crossfuse_fast.metrics`` the fusion metrics, ``crossfuse_fast.export`` the ONNX
+export.
 """
 import os as _os
 
