@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from crossfuse_fast import CrossFuse, fuse, kernels
 from crossfuse_fast.fast import FastAutoEncoder, FastCrossEncoder, FastCrossFuse, FastFusionDecoder, FastFusionNet
-from crossfuse_fast.losses import autoencoder_loss, fusion_loss
+from crossfuse_fast.losses import autoencoder_loss, fusion_loss, fusion_loss_terms
 from crossfuse_fast.reference import AutoEncoder, FusionNet, attention_ref
 from crossfuse_fast.reference.functional import WINDOW
 from crossfuse_fast.synthetic import randomize_batch_norms
@@ -367,4 +367,29 @@ def _training_cases(device: torch.device, dtype: torch.dtype, keep: Callable) ->
                             fusion_loss, FastFusionNet(fusion, backend),
                             [FastAutoEncoder(e, layout, backend) for e in encoders]), on_gpu)}),
         quick=False, notes="frozen encoders forward + fusion forward, backward, Adam"))
+
+    def make_cached(seed: int) -> tuple:
+        ir, vis = _images(8, 256, 256, device, dtype)(seed)
+        with torch.no_grad():
+            return ir, vis, encoders[0].encode(ir)[1], encoders[1].encode(vis)[1]
+
+    def cached_step(network: torch.nn.Module, encoders: list = encoders) -> Callable:
+        def step(ir, vis, ir_deep, vis_deep):
+            fusion_optimizer.zero_grad(set_to_none=True)
+            fusion_loss_terms(network, encoders[0], encoders[1], ir, vis, deep=(ir_deep, vis_deep))["loss"].backward()
+            fusion_optimizer.step()
+        return step
+
+    shallow_flops = 2 * count_forward(meta_autoencoder, lambda: meta_autoencoder.shallow(crops)).total
+    cases.append(Case(
+        name="train stage 2 cached 256x256 b8", group="training", flops=shallow_flops + 3 * fusion_flops,
+        min_bytes=3 * tensor_bytes(crops) + 2 * tensor_bytes(deep)
+        + ADAM_PARAMETER_TRANSFERS * parameter_bytes(fusion, trainable_only=True),
+        make_inputs=make_cached,
+        providers=keep({"eager": cached_step(fusion),
+                        **_fast_providers(lambda backend, layout: cached_step(
+                            FastFusionNet(fusion, backend), [FastAutoEncoder(e, layout, backend) for e in encoders]),
+                            on_gpu)}),
+        quick=False, notes="--cache-features: the deep maps read, not computed; shallow maps, fusion forward, "
+                           "backward, Adam"))
     return cases
