@@ -25,8 +25,8 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"export": ["onnx", "onnxruntime"], "metrics": ["pyrtools"],
+    extras_require={"export": ["onnx", "onnxruntime"], "metrics": ["pyrtools", "PyWavelets"],
                     "dev": ["pytest", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy",
-                            "onnx", "onnxruntime", "pyrtools"]},
+                            "onnx", "onnxruntime", "pyrtools", "PyWavelets"]},
     entry_points={"console_scripts": ["crossfuse = crossfuse_fast.cli:main"]},
 )

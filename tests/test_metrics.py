@@ -303,3 +303,24 @@ def test_fmi_reproduces_haghighats_code():
     for convention in ("li", "tang"):
         with pytest.raises(NotImplementedError, match="edge maps"):
             metrics.fmi_pixel(fused, ir, vis, convention)
+
+
+def test_fmi_wavelet_is_fmi_on_the_reranged_dmey_mosaic():
+    """FMI on wavelets is FMI_pixel on ``rerange([cA cH; cV cD])`` of PyWavelets' one-level
+    ``dmey`` transform with symmetric extension (numpy here); ``li`` and ``tang`` use MATLAB's
+    other ``dmey`` filter and are refused."""
+    import pywt
+
+    fused, ir, vis = _pattern()
+
+    def mosaic(x):
+        a, (h, v, d) = pywt.dwt2(x, "dmey", mode="symmetric")
+        m = np.block([[a, h], [v, d]])
+        return (m - m.min()) / (m.max() - m.min())
+    assert mosaic(ir).shape == (2 * 62, 2 * 66)  # floor((n + 61) / 2) per side
+    close(metrics.fmi_wavelet(fused, ir, vis), metrics.fmi_pixel(*(mosaic(x) for x in (fused, ir, vis))).numpy(),
+          1e-12)
+    close(metrics.fmi_wavelet(ir, ir, ir), [1.0])
+    for convention in ("li", "tang"):
+        with pytest.raises(NotImplementedError, match="102-tap dmey"):
+            metrics.fmi_wavelet(fused, ir, vis, convention)

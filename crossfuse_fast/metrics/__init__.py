@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from ._images import CONVENTIONS
-from .fmi import fmi_dct, fmi_pixel
+from .fmi import fmi_dct, fmi_pixel, fmi_wavelet
 from .gradient import nabf, qabf
 from .information import mi
 from .statistics import ag, cc, en, psnr, scd, sd, sf
@@ -27,15 +27,17 @@ from .vif import vif, viff
 METRICS: dict[str, Callable[..., Tensor]] = {
     "EN": en, "SD": sd, "SF": sf, "AG": ag, "MI": mi, "SCD": scd, "CC": cc, "PSNR": psnr,
     "SSIM": ssim, "MS-SSIM": ms_ssim, "VIF": vif, "VIFF": viff, "Qabf": qabf, "Nabf": nabf, "FMI_pixel": fmi_pixel,
-    "FMI_dct": fmi_dct,
+    "FMI_dct": fmi_dct, "FMI_wavelet": fmi_wavelet,
 }
 """Every metric by the name papers use."""
 
 HIGHER_IS_BETTER = {name: name != "Nabf" for name in METRICS}
-NOT_IMPLEMENTED = {("li", "FMI_pixel"), ("tang", "FMI_pixel")} | (
-    {("li", "VIF")} if importlib.util.find_spec("pyrtools") is None else set())
+NOT_IMPLEMENTED = {("li", "FMI_pixel"), ("tang", "FMI_pixel"), ("li", "FMI_wavelet"), ("tang", "FMI_wavelet")} | (
+    {("li", "VIF")} if importlib.util.find_spec("pyrtools") is None else set()) | (
+    {(convention, "FMI_wavelet") for convention in CONVENTIONS} if importlib.util.find_spec("pywt") is None else set())
 """``(convention, metric)`` pairs not implemented (their calls raise ``NotImplementedError``); ``li``'s
-VIF where ``pyrtools`` is not installed (``pip install crossfuse-fast[metrics]``)."""
+VIF where ``pyrtools`` is not installed, FMI_wavelet where PyWavelets is not
+(``pip install crossfuse-fast[metrics]``)."""
 
 
 def available(convention: str) -> list[str]:
@@ -63,5 +65,5 @@ def evaluate(fused, ir, vis, convention: str = "standard", metrics: str | Sequen
 
 
 __all__ = ["CONVENTIONS", "HIGHER_IS_BETTER", "METRICS", "NOT_IMPLEMENTED", "ag", "available", "cc", "en", "evaluate",
-           "fmi_dct", "fmi_pixel", "metric_names", "mi", "ms_ssim", "nabf", "psnr", "qabf", "scd", "sd", "sf", "ssim",
-           "vif", "viff"]
+           "fmi_dct", "fmi_pixel", "fmi_wavelet", "metric_names", "mi", "ms_ssim", "nabf", "psnr", "qabf", "scd", "sd",
+           "sf", "ssim", "vif", "viff"]
