@@ -211,7 +211,7 @@ def _command_fuse_video(args: argparse.Namespace) -> int:
         if path.resolve() == out.resolve():
             raise ValueError(f"{out}: is an input ({path}); it is never overwritten")
     if out.exists() and not args.overwrite:
-        print(f"crossfuse fuse: 0 fused, 1 skipped (its output exists; --overwrite to redo it), 0 failed",
+        print("crossfuse fuse: 0 fused, 1 skipped (its output exists; --overwrite to redo it), 0 failed",
               file=sys.stderr)
         return 0
     device = _device(args.device)

@@ -324,3 +324,16 @@ def test_fmi_wavelet_is_fmi_on_the_reranged_dmey_mosaic():
     for convention in ("li", "tang"):
         with pytest.raises(NotImplementedError, match="102-tap dmey"):
             metrics.fmi_wavelet(fused, ir, vis, convention)
+
+
+def test_the_optional_libraries_are_named_when_missing(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in ("pywt", "pyrtools")
+                        else find_spec(name, *args))
+    fused, ir, vis = _pattern()
+    with pytest.raises(NotImplementedError, match="pip install PyWavelets"):
+        metrics.fmi_wavelet(fused, ir, vis)
+    with pytest.raises(NotImplementedError, match="pip install pyrtools"):
+        metrics.vif(fused, ir, vis, "li")

@@ -5,6 +5,7 @@ Signature and result as in :mod:`.statistics`.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -151,8 +152,6 @@ def fmi_wavelet(fused, ir, vis, convention: str = "standard") -> Tensor:
     if convention in ("li", "tang"):
         raise NotImplementedError(f"FMI_wavelet under the {convention} convention (MATLAB's 102-tap dmey filter) "
                                   "is not implemented")
-    try:
-        import pywt  # noqa: F401
-    except ImportError as error:
-        raise NotImplementedError("FMI_wavelet needs PyWavelets: pip install PyWavelets") from error
+    if importlib.util.find_spec("pywt") is None:
+        raise NotImplementedError("FMI_wavelet needs PyWavelets: pip install PyWavelets")
     return _fmi(tuple(_wavelet_mosaic(x) for x in as_batches(fused, ir, vis)))

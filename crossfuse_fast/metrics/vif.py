@@ -6,6 +6,8 @@ Signature and result as in :mod:`.statistics`.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
@@ -71,11 +73,9 @@ def vif(fused, ir, vis, convention: str = "standard") -> Tensor:
     f, a, b = as_batches(fused, ir, vis)
     if convention == "li":
         from .vifvec import vifvec
-        try:
-            import pyrtools  # noqa: F401
-        except ImportError as error:
+        if importlib.util.find_spec("pyrtools") is None:
             raise NotImplementedError("VIF under the li convention (the wavelet-domain vifvec) needs pyrtools: "
-                                      "pip install pyrtools") from error
+                                      "pip install pyrtools")
         images = [x.cpu().numpy() / 255.0 for x in (f, a, b)]
         values = [(vifvec(ir_image, fused_image) + vifvec(vis_image, fused_image)) / 2
                   for fused_image, ir_image, vis_image in zip(*images)]
