@@ -278,34 +278,28 @@ def _command_fuse(args: argparse.Namespace) -> int:
 
 
 def _command_train_autoencoder(args: argparse.Namespace) -> None:
-    from .distributed import join, leave
+    from .distributed import process_group
     from .train import train_autoencoder
     dataset = (SyntheticPairs(args.synthetic, args.size, modality=args.synthetic_modality)
                if args.synthetic else ImageFolder(args.images, args.size))
-    device = join(_device(args.device))
-    try:
+    with process_group(_device(args.device)) as device:
         train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           device=device, max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args),
                           seed=args.seed, resume=args.resume, save_every=args.save_every, keep=args.keep)
-    finally:
-        leave()
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
-    from .distributed import join, leave
+    from .distributed import process_group
     from .train import train_fusion
     dataset = (SyntheticPairs(args.synthetic, args.size) if args.synthetic
                else PairedFolders(args.ir, args.vis, args.size))
     ir_autoencoder = load_into(AutoEncoder(), args.ir_autoencoder, "an infrared autoencoder checkpoint")
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
-    device = join(_device(args.device))
-    try:
+    with process_group(_device(args.device)) as device:
         train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
                      batch_size=args.batch_size, lr=args.lr, device=device, max_steps=args.max_steps,
                      overwrite=args.overwrite, backend=_backend(args), seed=args.seed, resume=args.resume,
                      save_every=args.save_every, cache_features=args.cache_features, keep=args.keep)
-    finally:
-        leave()
 
 
 def _command_export(args: argparse.Namespace) -> None:

@@ -75,8 +75,9 @@ def grid_rows(ir, vis, fused: list, pairs_csv=None, limit: int = 4) -> list[list
 def compare_grid(rows: list[list[Path]], names: list[str],
                  crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The grid as a BGR image: a header of ``["infrared", "visible", *names]``, then per row its
-    images (the pair named after its infrared image in the first one's corner) at :data:`PANEL_HEIGHT` (the first row's aspect sets the columns' width; other rows
-    fit in it); with ``crop`` (x, y, width, height in the images' pixels) a
+    images (the pair named after its infrared image in the first one's corner) at
+    :data:`PANEL_HEIGHT` (the first row's aspect sets the columns' width; other rows fit in it);
+    with ``crop`` (x, y, width, height in the images' pixels) a
     box marks it on each image and the crop, enlarged, lies under each."""
     columns = ["infrared", "visible", *names]
     blocks = []

@@ -14,7 +14,8 @@ statistics of one process on the global batch, up to the order of float addition
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,23 +33,22 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(device: torch.device) -> torch.device:
-    """Joins torchrun's process group (NCCL for CUDA devices, gloo for the CPU) if this process is
-    one of several and the group is not made yet; returns the device this process trains on
-    (``cuda:LOCAL_RANK`` for a CUDA device, one GPU per process)."""
+@contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """Within it, this process is in torchrun's process group (NCCL for CUDA devices, gloo for the
+    CPU) if it is one of several, the group destroyed on leaving; yields the device this process
+    trains on (``cuda:LOCAL_RANK`` for a CUDA device, one GPU per process)."""
     if not launched_by_torchrun():
-        return device
+        yield device
+        return
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def leave() -> None:
-    """Destroys the process group if one was made (at the end of a command)."""
-    if dist.is_available() and dist.is_initialized():
+    try:
+        yield device
+    finally:
         dist.destroy_process_group()
 
 
@@ -163,7 +163,7 @@ def with_global_batch_norms(module: nn.Module) -> nn.Module:
     for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm2d:
             replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                            child.track_running_stats, device=_device_of(child))
+                                            child.track_running_stats)
             for key, value in list(child._parameters.items()) + list(child._buffers.items()):
                 setattr(replacement, key, value)
             replacement.train(child.training)
@@ -172,8 +172,4 @@ def with_global_batch_norms(module: nn.Module) -> nn.Module:
             with_global_batch_norms(child)
     return module
 
-
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 

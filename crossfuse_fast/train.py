@@ -25,8 +25,8 @@ from .feature_cache import DeepMapCache, fingerprint
 from .files import write_image, write_text
 from .losses import autoencoder_loss_terms, fusion_loss_terms
 from .reference import AutoEncoder, FusionNet
-from .training_pictures import plot_losses, sample_grid
 from .resume import Interrupted, Progress, StopRequests, epoch_batches, load_state, restore, save_state, state_path
+from .training_pictures import plot_losses, sample_grid
 
 __all__ = ["Interrupted", "train_autoencoder", "train_fusion"]
 
@@ -112,7 +112,7 @@ def _across_processes(network: torch.nn.Module, ranks: Ranks, device: torch.devi
 
 def _run_epochs(name: str, model: torch.nn.Module, dataset: Dataset, batch_size: int, terms_of_batch: Callable,
                 optimizer: torch.optim.Optimizer, scheduler, paths: list[Path], *, max_steps: int | None,
-                overwrite: bool, resume: bool, save_every: int | None, keep: int | None, seed: int,
+                resume: bool, save_every: int | None, keep: int | None, seed: int,
                 settings: dict, samples: Callable[[], tuple[list[str], list[list]]], ranks: Ranks,
                 device: torch.device | str, log: Callable[[str], None]) -> None:
     """One pass over the data per checkpoint path, saving the model's state dict after each (the
@@ -214,7 +214,7 @@ def train_autoencoder(dataset: Dataset, out_dir: str | os.PathLike, *, epochs: i
 
     _run_epochs("autoencoder", model, dataset, batch_size,
                 lambda images, indices: autoencoder_loss_terms(trained, images.to(device), ranks), optimizer, scheduler,
-                paths, max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, keep=keep,
+                paths, max_steps=max_steps, resume=resume, save_every=save_every, keep=keep,
                 seed=seed, settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch,
                                          decay=decay, backend=backend), samples=samples, ranks=ranks, device=device,
                 log=log)
@@ -281,7 +281,8 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
         return fusion_loss_terms(trained, *encoders, pair[0].to(device), pair[1].to(device),
                                  deep=cache[indices] if cache is not None else None)
 
-    shown_ir, shown_vis = (x.to(device) for x in default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]))
+    shown_ir, shown_vis = (x.to(device) for x in
+                           default_collate([dataset[i] for i in range(min(SAMPLES, len(dataset)))]))
 
     def samples() -> tuple[list[str], list[list]]:
         # Eval mode (running statistics) for the picture, so that it leaves them as training has them.
@@ -296,7 +297,7 @@ def train_fusion(dataset: Dataset, ir_autoencoder: AutoEncoder, vis_autoencoder:
                                                   for a, b, f in zip(shown_ir, shown_vis, fused)]
 
     _run_epochs("fusion", model, dataset, batch_size, terms_of_batch, optimizer, scheduler, paths,
-                max_steps=max_steps, overwrite=overwrite, resume=resume, save_every=save_every, keep=keep, seed=seed,
+                max_steps=max_steps, resume=resume, save_every=save_every, keep=keep, seed=seed,
                 settings=dict(lr=lr, weight_decay=weight_decay, decay_from_epoch=decay_from_epoch, decay=decay,
                               backend=backend, cache_features=cache_features), samples=samples, ranks=ranks,
                 device=device, log=log)

@@ -39,7 +39,7 @@ def _windows(x: Tensor) -> Tensor:
 
 
 def _normalised(x: Tensor) -> Tensor:
-    """Each window min-max stretched to 0..1 (a constant window becomes ones)."""
+    """Each window (last dimension) min-max stretched to 0..1 (a constant one becomes ones)."""
     low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     return torch.where(high > low, (x - low) / torch.where(high > low, high - low, 1.0), 1.0)
 
@@ -135,8 +135,7 @@ def _wavelet_mosaic(x: Tensor) -> Tensor:
         approximation, (horizontal, vertical, diagonal) = pywt.dwt2(image, "dmey", mode="symmetric")
         mosaics.append(torch.from_numpy(np.block([[approximation, horizontal], [vertical, diagonal]])))
     mosaic = torch.stack(mosaics).to(x)
-    low, high = mosaic.amin((-2, -1), keepdim=True), mosaic.amax((-2, -1), keepdim=True)
-    return torch.where(high > low, (mosaic - low) / torch.where(high > low, high - low, 1.0), 1.0)
+    return _normalised(mosaic.flatten(-2)).view_as(mosaic)
 
 
 def fmi_wavelet(fused, ir, vis, convention: str = "standard") -> Tensor:
