@@ -10,6 +10,7 @@ traces it to an ONNX file (written to a temporary file, then renamed) and
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import warnings
@@ -106,9 +107,7 @@ def export_onnx(model: CrossFuse, path: str | os.PathLike, *, overwrite: bool = 
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("exporting to ONNX needs the onnx package (pip install onnx)", name="onnx")
     path = Path(path)
-    exportable = ExportableCrossFuse(model).float().cpu()
-    was_training = model.training
-    model.eval()
+    exportable = ExportableCrossFuse(_inference_copy(model))
     axes = {0: "batch", 2: "height", 3: "width"}
 
     def write(temporary: str) -> None:
@@ -119,11 +118,8 @@ def export_onnx(model: CrossFuse, path: str | os.PathLike, *, overwrite: bool = 
             torch.onnx.export(exportable, sample_pair(*TRACE_SIZE), temporary, dynamo=False, opset_version=opset,
                               input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
                               dynamic_axes={name: axes for name in (*INPUT_NAMES, OUTPUT_NAME)})
-    try:
-        with torch.no_grad():
-            write_atomically(path, write, overwrite=overwrite, suffix=".onnx")
-    finally:
-        model.train(was_training)
+    with torch.no_grad():
+        write_atomically(path, write, overwrite=overwrite, suffix=".onnx")
     return path
 
 
@@ -134,16 +130,17 @@ def onnx_difference(model: CrossFuse, path: str | os.PathLike, sizes=((1, 48, 80
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    was_training = model.training
-    model.eval()
+    reference = _inference_copy(model)
     largest = 0.0
-    try:
-        for seed, (batch, height, width) in enumerate(sizes):
-            ir, vis = sample_pair(height, width, batch, seed=seed + 1)
-            with torch.no_grad():
-                want = model.float().cpu()(ir, vis)
-            got = session.run([OUTPUT_NAME], {"ir": ir.numpy(), "vis": vis.numpy()})[0]
-            largest = max(largest, (torch.from_numpy(got) - want).abs().max().item())
-    finally:
-        model.train(was_training)
+    for seed, (batch, height, width) in enumerate(sizes):
+        ir, vis = sample_pair(height, width, batch, seed=seed + 1)
+        with torch.no_grad():
+            want = reference(ir, vis)
+        got = session.run([OUTPUT_NAME], {"ir": ir.numpy(), "vis": vis.numpy()})[0]
+        largest = max(largest, (torch.from_numpy(got) - want).abs().max().item())
     return largest
+
+
+def _inference_copy(model: CrossFuse) -> CrossFuse:
+    """``model`` as exported: a float32 copy on the CPU in eval mode (``model`` itself untouched)."""
+    return copy.deepcopy(model).float().cpu().eval()

@@ -76,3 +76,16 @@ def test_the_command_refuses_to_overwrite_or_to_write_a_weight(exported, trained
                                 timeout=300)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert path.read_bytes() == before
+
+
+def test_exporting_leaves_the_model_as_it_was(model, tmp_path):
+    """The file is traced from a float32 eval copy: a float64 model in train mode stays one."""
+    import copy
+
+    from crossfuse_fast.export import export_onnx
+
+    double = copy.deepcopy(model).double().train()
+    before = {name: tensor.clone() for name, tensor in double.state_dict().items()}
+    export_onnx(double, tmp_path / "double.onnx")
+    assert double.training and all(t.dtype == torch.float64 for t in double.state_dict().values() if t.is_floating_point())
+    assert all(torch.equal(before[name], tensor) for name, tensor in double.state_dict().items())
