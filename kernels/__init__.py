@@ -12,7 +12,10 @@ and a PyTorch twin of the same signature (``*_torch``) for the CPU path:
 - :mod:`.implicit_gemm_conv`: ``conv2d``, ``conv2d_into``, ``conv2d_pool_into`` (NHWC convolutions,
   padding by address, a 2 x 2 max-pool in the epilogue);
 - :mod:`.upsample_fold`: ``upsampled_conv`` (a nearest 2x upsampling folded into the 3 x 3 conv after it);
-- :mod:`.source_weighting`: ``deep_weighted_sum``, ``shallow_weighted_sum`` (the fusion decoder's weighting);
+- :mod:`.source_weighting`: ``deep_weighted_sum``, ``shallow_weighted_sum`` (the fusion decoder's weighting,
+  the size adjust before the shallow one read by address);
+- :mod:`.size_adjust`: ``size_adjust`` (the decoders' size adjust, with the upsampling before it and
+  the map added after it, by address);
 - :mod:`.minmax_stretch`: ``minmax_to_255`` (the per-image stretch that ends the fusion network),
   ``conv2d_minmax_to_255`` (with its statistics gathered by the convolution before it).
 
@@ -31,6 +34,7 @@ from .gemm_gelu import linear_gelu, linear_gelu_torch
 from .implicit_gemm_conv import (conv2d, conv2d_into, conv2d_into_torch, conv2d_pool_into, conv2d_pool_into_torch,
                                  conv2d_torch)
 from .minmax_stretch import conv2d_minmax_to_255, conv2d_minmax_to_255_torch, minmax_to_255, minmax_to_255_torch
+from .size_adjust import size_adjust, size_adjust_torch
 from .source_weighting import (deep_weighted_sum, deep_weighted_sum_torch, shallow_weighted_sum,
                                shallow_weighted_sum_torch)
 from .upsample_fold import upsampled_conv, upsampled_conv_torch
@@ -44,4 +48,5 @@ __all__ = ["add_layer_norm", "add_layer_norm_to_map", "add_layer_norm_to_map_tor
            "deep_weighted_sum_torch", "layer_norm", "layer_norm_from_map", "layer_norm_from_map_torch",
            "layer_norm_torch", "linear_gelu", "linear_gelu_torch", "minmax_to_255", "minmax_to_255_torch",
            "self_attention", "self_attention_torch", "shallow_weighted_sum", "shallow_weighted_sum_torch",
+           "size_adjust", "size_adjust_torch",
            "upsampled_conv", "upsampled_conv_torch"]

@@ -171,9 +171,12 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
 
 
 def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
-    """The fusion decoder's weighted sums (deep: 128 channels, shallow: 32), on channels_last maps,
-    and its final min-max stretch, alone and after conv_last (32 -> 1, 1 x 1)."""
+    """The fusion decoder's weighted sums (deep: 128 channels, shallow: 32, reading a smaller map
+    through the size adjust), on channels_last maps, its final min-max stretch, alone and after
+    conv_last (32 -> 1, 1 x 1), and the size adjust (forward with the upsampling and the added
+    map, and backward)."""
     from .minmax_stretch import conv2d_minmax_to_255_fwd, minmax_to_255_fwd
+    from .size_adjust import size_adjust_bwd, size_adjust_fwd
     from .source_weighting import weighted_sum_fwd
 
     rows = []
@@ -182,12 +185,14 @@ def weighting_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resource
             maps = [torch.randn(1, channels, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
                     for _ in range(3)]
             with compile_only() as launches:
-                weighted_sum_fwd(*maps, 1.0, deep=deep)
+                weighted_sum_fwd(maps[0] if deep else maps[0][:, :, :6, :6], *maps[1:], 1.0, deep=deep)
                 if deep:
                     minmax_to_255_fwd(maps[0][:, :1])
                 else:
                     conv2d_minmax_to_255_fwd(maps[0], torch.randn(1, channels, 1, 1, dtype=dtype),
                                              torch.zeros(1, dtype=dtype), padding_mode="reflect")
+                    size_adjust_fwd(maps[0][:, :, :3, :3], 8, 8, True, maps[1])
+                    size_adjust_bwd(maps[0], 3, 3, True)
             rows += [resource_usage(launch, str(dtype).removeprefix("torch.")) for launch in launches]
     return rows
 

@@ -12,7 +12,7 @@ over the ``k x k`` taps and, for each, the input channels; a program computes a
 the input may be a channel slice of a wider buffer and the output may be written into a channel
 slice of one (:func:`conv2d_into`): a dense block can live in one buffer that each layer reads and
 appends to. :func:`conv2d_pool_into` orders a tile's rows by 2 x 2 quads and takes the max-pool
-in its epilogue, writing the pooled map (and the full one, if asked) where it is wanted. fp32
+in its epilogue, writing the pooled map (and the full one, if asked, odd sides included) where it is wanted. fp32
 dots use ``input_precision="ieee"`` (or TF32 when asked), 16-bit ones tensor cores with fp32
 accumulation. Design limit: odd square kernels, any channel counts and map sizes.
 
@@ -110,7 +110,7 @@ def _conv2d_fwd_kernel(
 
 @triton.jit
 def _conv2d_pool_fwd_kernel(
-    X, W, B, Y, P, quads, height, width, in_channels, out_channels,
+    X, W, B, Y, P, quads, quad_rows, quad_columns, height, width, in_channels, out_channels,
     stride_xn, stride_xc, stride_xh, stride_xw, stride_wo, stride_wi, stride_wh, stride_ww,
     stride_yn, stride_yc, stride_yh, stride_yw, stride_pn, stride_pc, stride_ph, stride_pw,
     KERNEL: tl.constexpr, PADDING: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_FULL: tl.constexpr,
@@ -118,16 +118,17 @@ def _conv2d_pool_fwd_kernel(
 ):
     """The rows of the tile are 2 x 2 quads of output pixels, four consecutive rows a quad, so the
     epilogue takes each quad's maximum (the 2 x 2 max-pool) before its store; with ``STORE_FULL``
-    the full-resolution output is written too."""
+    the full-resolution output is written too. The quads cover ``quad_rows x quad_columns`` per
+    image: with ``STORE_FULL`` and an odd side they include the partial quads of the last row or
+    column, whose pixels are stored in full but not pooled (the pool floors)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     quad = offs_m // 4
-    mask_m = quad < quads
-    quad_columns = width // 2
     quad_column = quad % quad_columns
-    quad_row = (quad // quad_columns) % (height // 2)
-    image = quad // (quad_columns * (height // 2))
+    quad_row = (quad // quad_columns) % quad_rows
+    image = quad // (quad_columns * quad_rows)
     row = 2 * quad_row + (offs_m % 4) // 2
     column = 2 * quad_column + offs_m % 2
+    mask_m = (quad < quads) & (row < height) & (column < width)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < out_channels
     acc = _conv_tile(X, W, B, image, row, column, mask_m, offs_n, mask_n, height, width, in_channels,
@@ -140,11 +141,12 @@ def _conv2d_pool_fwd_kernel(
     pooled = tl.max(tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N)), axis=1)
     offs_q = tl.program_id(0) * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
     q_column = offs_q % quad_columns
-    q_row = (offs_q // quad_columns) % (height // 2)
-    q_image = offs_q // (quad_columns * (height // 2))
+    q_row = (offs_q // quad_columns) % quad_rows
+    q_image = offs_q // (quad_columns * quad_rows)
+    whole = (offs_q < quads) & (q_row < height // 2) & (q_column < width // 2)
     p_pixel = q_image * stride_pn + q_row * stride_ph + q_column * stride_pw
     tl.store(P + p_pixel[:, None] + offs_n[None, :] * stride_pc, pooled.to(P.dtype.element_ty),
-             mask=(offs_q < quads)[:, None] & mask_n[None, :])
+             mask=whole[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -305,24 +307,25 @@ def conv2d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, p
 
 def conv2d_pool_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor, full: Tensor | None = None, *,
                     padding_mode: str, tf32: bool = False, tiles: ConvTiles | None = None) -> Tensor:
-    """The convolution of ``x`` ``[B, Cin, H, W]`` (``H`` and ``W`` even) with its 2 x 2 max-pool
-    written into ``pooled`` ``[B, Cout, H / 2, W / 2]`` and, when given, the full output into
-    ``full`` ``[B, Cout, H, W]`` (any strides); returns ``pooled``."""
+    """The convolution of ``x`` ``[B, Cin, H, W]`` with its 2 x 2 max-pool (floored, as
+    ``MaxPool2d(2)``) written into ``pooled`` ``[B, Cout, H // 2, W // 2]`` and, when given, the full
+    output into ``full`` ``[B, Cout, H, W]`` (any strides); returns ``pooled``."""
     _check(x, weight, bias, padding_mode)
     batch, in_channels, height, width = x.shape
     out_channels, kernel = weight.shape[0], weight.shape[2]
-    if height % 2 or width % 2:
-        raise ValueError(f"the pooled convolution takes even sides, got {height} x {width}")
+    if height < 2 or width < 2:
+        raise ValueError(f"a 2 x 2 max-pool needs sides of 2 or more, got {height} x {width}")
     for name, out, size in (("pooled", pooled, (height // 2, width // 2)), ("full", full, (height, width))):
         if out is not None and (out.shape != (batch, out_channels, *size) or out.dtype != x.dtype):
             raise ValueError(f"{name} must be [{batch}, {out_channels}, {size[0]}, {size[1]}] {x.dtype}, "
                              f"got {tuple(out.shape)} {out.dtype}")
     tiles = tiles or conv_tiles(in_channels, out_channels, x.dtype)
-    quads = batch * (height // 2) * (width // 2)
+    quad_rows, quad_columns = ((height + 1) // 2, (width + 1) // 2) if full is not None else (height // 2, width // 2)
+    quads = batch * quad_rows * quad_columns
     precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
     _conv2d_pool_fwd_kernel[(triton.cdiv(4 * quads, tiles.block_m), triton.cdiv(out_channels, tiles.block_n))](
-        x, weight, pooled if bias is None else bias, pooled if full is None else full, pooled, quads, height, width,
-        in_channels, out_channels, *x.stride(), *weight.stride(), *(pooled if full is None else full).stride(),
+        x, weight, pooled if bias is None else bias, pooled if full is None else full, pooled, quads, quad_rows,
+        quad_columns, height, width, in_channels, out_channels, *x.stride(), *weight.stride(), *(pooled if full is None else full).stride(),
         *pooled.stride(), KERNEL=kernel, PADDING=PADDING_MODES.index(padding_mode), HAS_BIAS=bias is not None,
         STORE_FULL=full is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **COMPILER_OPTIONS)
@@ -488,8 +491,8 @@ def conv2d_into_torch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
 def conv2d_pool_into(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor, full: Tensor | None = None, *,
                      padding_mode: str = "reflect", tf32: bool = False) -> Tensor:
     """:func:`conv2d` followed by a 2 x 2 max-pool, in one pass: the pooled map written into ``pooled``
-    (e.g. the first channels of the next dense block's buffer) and, when given, the full-resolution
-    output into ``full``; ``x``'s sides must be even. Returns ``pooled``. No gradient."""
+    (e.g. the first channels of the next dense block's buffer; floored, as ``MaxPool2d(2)``) and, when
+    given, the full-resolution output into ``full``; sides of 2 or more. Returns ``pooled``. No gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, pooled, full)):
         raise RuntimeError("conv2d_pool_into writes in place and records no gradient; use conv2d and a pool "
                            "where one is needed")

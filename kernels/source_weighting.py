@@ -8,7 +8,8 @@ With ``box(x)`` the 3 x 3 mean (zero padding, always over 9) of ``x`` summed ove
 - deep (docs/model.md#fusion-decoder, step 1): ``g = scale box(x)`` for each source,
   ``y = fused + g_ir / (g_ir + g_vis + 1e-6) ir + g_vis / (g_ir + g_vis + 1e-6) vis``;
 - shallow (step 3): ``s = |x - scale box(x)|`` per channel for each source,
-  ``out = y + (0.5 s_ir ir + s_vis vis) / (s_ir + s_vis + 1e-6)``.
+  ``out = y + (0.5 s_ir ir + s_vis vis) / (s_ir + s_vis + 1e-6)``, where ``y`` is the upsampled
+  map, read through the decoder's size adjust (kernels/size_adjust.py) when it is smaller.
 
 The deep weight divides by a sum that can nearly cancel (docs/model.md#numerics-of-the-deep-weighting),
 so it is computed in fp32 even for 16-bit maps. One kernel sums each source's channels per pixel
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .compiler_options import COMPILER_OPTIONS
 from .registry import FusedOp
+from .size_adjust import adjusted_source_index, margin_before, size_adjust_backward, size_adjust_torch
 
 BLOCK_M = 64
 
@@ -65,7 +67,7 @@ def _box_mean(S, image, row, column, height, width, mask):
 
 @triton.jit
 def _weighted_sum_kernel(
-    BASE, IR, VIS, S_IR, S_VIS, OUT, pixels, height, width, channels, scale,
+    BASE, IR, VIS, S_IR, S_VIS, OUT, pixels, height, width, channels, scale, base_height, base_width, top, left,
     stride_bn, stride_bc, stride_bh, stride_bw, stride_in, stride_ic, stride_ih, stride_iw,
     stride_vn, stride_vc, stride_vh, stride_vw, stride_on, stride_oc, stride_oh, stride_ow,
     IS_DEEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -78,7 +80,9 @@ def _weighted_sum_kernel(
     scale = tl.cast(scale, tl.float32)
     mean_ir = scale * _box_mean(S_IR, image, row, column, height, width, mask_m)
     mean_vis = scale * _box_mean(S_VIS, image, row, column, height, width, mask_m)
-    base = tl.load(BASE + _offsets(image, row, column, offs_c, stride_bn, stride_bc, stride_bh, stride_bw),
+    base_row = adjusted_source_index(row, top, base_height, False)
+    base_column = adjusted_source_index(column, left, base_width, False)
+    base = tl.load(BASE + _offsets(image, base_row, base_column, offs_c, stride_bn, stride_bc, stride_bh, stride_bw),
                    mask=mask, other=0.0).to(tl.float32)
     ir = tl.load(IR + _offsets(image, row, column, offs_c, stride_in, stride_ic, stride_ih, stride_iw),
                  mask=mask, other=0.0).to(tl.float32)
@@ -110,27 +114,34 @@ def _channel_sums(x: Tensor) -> Tensor:
     return sums
 
 
-def _check(base: Tensor, ir: Tensor, vis: Tensor) -> None:
-    if base.dim() != 4 or min(base.shape) <= 0:
-        raise ValueError(f"expected non-empty maps [batch, channels, height, width], got shape {tuple(base.shape)}")
-    for name, x in (("ir", ir), ("vis", vis)):
-        if x.shape != base.shape or x.dtype != base.dtype:
-            raise ValueError(f"{name} must match the map it is added to, {tuple(base.shape)} {base.dtype}, "
-                             f"got {tuple(x.shape)} {x.dtype}")
+def _check(base: Tensor, ir: Tensor, vis: Tensor, *, deep: bool) -> tuple[int, int]:
+    """Checks the maps; returns the size adjust's margins before (rows, columns) for ``base``."""
+    if ir.dim() != 4 or min(ir.shape) <= 0:
+        raise ValueError(f"expected non-empty maps [batch, channels, height, width], got shape {tuple(ir.shape)}")
+    if vis.shape != ir.shape or vis.dtype != ir.dtype:
+        raise ValueError(f"vis must match ir, {tuple(ir.shape)} {ir.dtype}, got {tuple(vis.shape)} {vis.dtype}")
+    name = "fused" if deep else "y"
+    if base.dtype != ir.dtype or base.dim() != 4 or base.shape[:2] != ir.shape[:2] or (
+            deep and base.shape != ir.shape):
+        raise ValueError(f"{name} must be {'' if deep else 'at most '}{tuple(ir.shape)} {ir.dtype}, the sources' "
+                         f"shape, got {tuple(base.shape)} {base.dtype}")
+    return (margin_before(base.shape[2], ir.shape[2], False, f"{name} height"),
+            margin_before(base.shape[3], ir.shape[3], False, f"{name} width"))
 
 
 def weighted_sum_fwd(base: Tensor, ir: Tensor, vis: Tensor, scale: float, *, deep: bool) -> Tensor:
     """The deep (``deep=True``) or shallow weighted sum of ``ir`` and ``vis`` added to ``base``; maps
-    ``[B, C, H, W]`` in any strides; the result in channels_last."""
-    _check(base, ir, vis)
-    batch, channels, height, width = base.shape
+    ``[B, C, H, W]`` in any strides (a shallow ``base`` may be smaller: it is read through the size
+    adjust, kernels/size_adjust.py); the result ``[B, C, H, W]`` in channels_last."""
+    top, left = _check(base, ir, vis, deep=deep)
+    batch, channels, height, width = ir.shape
     pixels = batch * height * width
-    out = torch.empty_like(base, memory_format=torch.channels_last)
+    out = torch.empty_like(ir, memory_format=torch.channels_last)
     block_c = min(64, triton.next_power_of_2(channels))
     _weighted_sum_kernel[(triton.cdiv(pixels, BLOCK_M), triton.cdiv(channels, block_c))](
         base, ir, vis, _channel_sums(ir), _channel_sums(vis), out, pixels, height, width, channels, scale,
-        *base.stride(), *ir.stride(), *vis.stride(), *out.stride(), IS_DEEP=deep, BLOCK_M=BLOCK_M,
-        BLOCK_C=block_c, **COMPILER_OPTIONS)
+        base.shape[2], base.shape[3], top, left, *base.stride(), *ir.stride(), *vis.stride(), *out.stride(),
+        IS_DEEP=deep, BLOCK_M=BLOCK_M, BLOCK_C=block_c, **COMPILER_OPTIONS)
     return out
 
 
@@ -138,6 +149,16 @@ def weighted_sum_fwd(base: Tensor, ir: Tensor, vis: Tensor, scale: float, *, dee
 
 def _gradient_of_base(ctx, grad_out):
     return grad_out, None, None, None
+
+
+def _save_base_size(ctx, inputs, output):
+    ctx.base_size = inputs[0].shape[2:]
+
+
+def _gradient_of_adjusted_base(ctx, grad_out):
+    if ctx.base_size == grad_out.shape[2:]:
+        return grad_out, None, None, None
+    return size_adjust_backward.op(grad_out, *ctx.base_size, False), None, None, None
 
 
 def _deep_weighted_sum_impl(fused: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Tensor:
@@ -149,13 +170,13 @@ def _shallow_weighted_sum_impl(y: Tensor, ir: Tensor, vis: Tensor, scale: float)
 
 
 def _weighted_sum_fake(base, ir, vis, scale):
-    return torch.empty_like(base, memory_format=torch.channels_last)
+    return torch.empty_like(ir, memory_format=torch.channels_last)
 
 
 _deep_weighted_sum = FusedOp("deep_weighted_sum", _deep_weighted_sum_impl, _weighted_sum_fake,
                              backward=_gradient_of_base, setup_context=lambda ctx, inputs, output: None)
 _shallow_weighted_sum = FusedOp("shallow_weighted_sum", _shallow_weighted_sum_impl, _weighted_sum_fake,
-                                backward=_gradient_of_base, setup_context=lambda ctx, inputs, output: None)
+                                backward=_gradient_of_adjusted_base, setup_context=_save_base_size)
 
 
 def _refuse_source_gradients(ir: Tensor, vis: Tensor) -> None:
@@ -184,13 +205,17 @@ def deep_weighted_sum_torch(fused: Tensor, ir: Tensor, vis: Tensor, scale: float
 
 def shallow_weighted_sum(y: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Tensor:
     """``y + (0.5 s_ir ir + s_vis vis) / (s_ir + s_vis + 1e-6)`` with ``s = |x - scale box(x)|`` (see
-    the module's note); channels_last (Triton). Differentiates ``y`` only."""
+    the module's note); channels_last (Triton). ``y`` smaller than the sources is first brought to
+    their size by the decoder's size adjust, read by address. Differentiates ``y`` only."""
     _refuse_source_gradients(ir, vis)
     return _shallow_weighted_sum(y, ir, vis, scale)
 
 
 def shallow_weighted_sum_torch(y: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Tensor:
-    """The twin, with gradients into the sources too (the weights without)."""
+    """The twin, with gradients into the sources too (the weights without); ``y`` smaller than the
+    sources is size-adjusted first."""
+    _check(y, ir, vis, deep=False)
+    y = size_adjust_torch(y, ir.shape[2], ir.shape[3])
     sources_need_grad = torch.is_grad_enabled() and (ir.requires_grad or vis.requires_grad)
     with torch.no_grad():
         s_ir = torch.sub(ir, box_mean_of_channel_sum(ir), alpha=scale).abs_()

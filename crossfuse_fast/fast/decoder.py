@@ -45,7 +45,7 @@ class FastFusionDecoder(nn.Module):
         kernel backend resolves to them and no source needs a gradient, the twins elsewhere)."""
         if self._box_values.get() is None:
             return self.reference(fused, ir_deep, ir_shallow, vis_deep, vis_shallow)
-        y = self.upsample(self.deep_sum(fused, ir_deep, vis_deep), ir_shallow.shape[-2], ir_shallow.shape[-1])
+        y = self.upsampled(self.deep_sum(fused, ir_deep, vis_deep))
         return self.output(self.shallow_sum(y, ir_shallow, vis_shallow))
 
     def _on_triton(self, ir: Tensor, vis: Tensor) -> bool:
@@ -59,7 +59,9 @@ class FastFusionDecoder(nn.Module):
         return self._weighted_sum("deep", fused, ir_deep, vis_deep)
 
     def shallow_sum(self, y: Tensor, ir_shallow: Tensor, vis_shallow: Tensor) -> Tensor:
-        """``FusionDecoder.shallow_sum``, ``conv_sh`` by its algebra where it holds."""
+        """``FusionDecoder.shallow_sum``, ``conv_sh`` by its algebra where it holds; ``y`` smaller than
+        the shallow maps is size-adjusted first (by address on the kernels: ``FusionDecoder.upsample``'s
+        adjust and this sum in one pass)."""
         return self._weighted_sum("shallow", y, ir_shallow, vis_shallow)
 
     def _weighted_sum(self, kind: str, base: Tensor, ir: Tensor, vis: Tensor) -> Tensor:
@@ -67,6 +69,8 @@ class FastFusionDecoder(nn.Module):
         not uniform, else the fused op (kernel or twin) with nine times the box's value."""
         box_values = self._box_values.get()
         if box_values is None:
+            if kind == "shallow":
+                base = match_size(base, ir.shape[-2], ir.shape[-1])
             return getattr(self.reference, f"{kind}_sum")(base, ir, vis)
         name = f"{kind}_weighted_sum" if self._on_triton(ir, vis) else f"{kind}_weighted_sum_torch"
         return getattr(kernels, name)(base, ir, vis, 9.0 * box_values[0 if kind == "deep" else 1])
@@ -77,10 +81,6 @@ class FastFusionDecoder(nn.Module):
         for step in self._upsample_steps:
             y = step(y)
         return y
-
-    def upsample(self, y: Tensor, height: int, width: int) -> Tensor:
-        """``FusionDecoder.upsample``: :meth:`upsampled`, then the size adjust."""
-        return match_size(self.upsampled(y), height, width)
 
     def output(self, y: Tensor) -> Tensor:
         """``FusionDecoder.output`` with its BatchNorm folded in inference; on the Triton kernels

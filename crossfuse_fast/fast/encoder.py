@@ -1,11 +1,10 @@
 """The autoencoder's encoder with its dense blocks padded piece by piece
 (docs/fast-path.md#dense-blocks-pad-each-piece-once), or, on the Triton kernels, each dense block
 in one buffer, the padding done by address and each pool in the epilogue of the convolution before
-it (docs/fast-path.md#not-fused-yet)."""
+it (docs/fast-path.md#the-convolutions-in-triton)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
@@ -55,14 +54,9 @@ def _fill_dense_buffer(block: DenseBlock, buffer: Tensor) -> Tensor:
 
 
 def _conv_then_pool(layer: ConvLayer, x: Tensor, pooled: Tensor, full: Tensor | None) -> None:
-    """``pooled = MaxPool2d(2)(layer(x))`` (and ``full = layer(x)`` when given), in one pass where the
-    sides are even."""
+    """``pooled = MaxPool2d(2)(layer(x))`` (and ``full = layer(x)`` when given), in one pass."""
     conv = layer.conv2d[0]
-    if x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
-        kernels.conv2d_pool_into(x, conv.weight, conv.bias, pooled, full)
-        return
-    y = _conv(layer, x) if full is None else kernels.conv2d_into(x, conv.weight, conv.bias, full)
-    pooled.copy_(F.max_pool2d(y, 2))
+    kernels.conv2d_pool_into(x, conv.weight, conv.bias, pooled, full)
 
 
 def _nhwc(batch: int, channels: int, height: int, width: int, like: Tensor) -> Tensor:
@@ -74,7 +68,7 @@ def encode_in_buffers(encoder: Encoder, x: Tensor) -> tuple[Tensor, Tensor]:
     """``encoder(x)`` in inference on the Triton convolutions: each dense block in one NHWC buffer,
     and every convolution before a 2 x 2 max-pool (the first, and each block's ``adjust_conv``)
     writing its pooled map straight into the next block's buffer (the first also its
-    full-resolution shallow map); no ``cat``, no pad, no pooled copy. Needs the released layout:
+    full-resolution shallow map); no ``cat``, no pad, no pooled copy, at any size. Needs the released layout:
     ``pool``, then dense blocks each followed by a 2 x 2 max-pool (:func:`chains_pools`)."""
     batch, _, height, width = x.shape
     shallow = _nhwc(batch, encoder.conv1.conv2d[0].out_channels, height, width, x)

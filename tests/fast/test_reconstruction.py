@@ -11,16 +11,19 @@ from crossfuse_fast.reference import AutoEncoder
 
 
 @pytest.mark.parametrize("height,width", [(16, 24), (17, 13)])
-def test_triton_autoencoder_reconstructs_as_the_reference(poisoned_allocations, height, width):
+def test_triton_autoencoder_reconstructs_as_the_reference(poisoned_allocations, monkeypatch, height, width):
     """Encode and decode on the kernels (upsamplings folded into the convolutions after them, the
-    last one before the shallow map is added run as it is, the size adjust on odd sizes): within
-    twice the reference's own fp32 error against fp64."""
+    last one with the size adjust and the added shallow map in one pass; no PyTorch convolution,
+    pooling, padding or upsampling): within twice the reference's own fp32 error against fp64."""
     torch.manual_seed(height * width)
     autoencoder = AutoEncoder().eval().to(DEVICE)
     images = torch.rand(2, 1, height, width, device=DEVICE) * 255
     with torch.no_grad():
         exact = copy.deepcopy(autoencoder).double()(images.double())
         plain = autoencoder(images)
+        for name in ("conv2d", "max_pool2d", "pad", "interpolate"):
+            monkeypatch.setattr(torch.nn.functional, name, lambda *args, name=name, **kwargs: pytest.fail(
+                f"torch.nn.functional.{name} ran on the Triton path"))
         got = FastAutoEncoder(autoencoder, kernel_backend="triton")(images)
     assert got.shape == exact.shape == (2, 1, height, width)
     assert_three_way(got, exact, plain, torch.float32)

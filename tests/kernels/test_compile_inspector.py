@@ -3,7 +3,7 @@
 The other kernel tests run in Triton's interpreter, which never meets the code generator; this
 one compiles every kernel the fast encoder launches (forward and backward, fp32 and bf16, on a
 padded deep map), the convolutions (forward and backward, and the upsampled one) at the model's
-tile shapes and the decoder's weighted sums and min-max stretch, in a fresh process
+tile shapes, the decoder's weighted sums, size adjust and min-max stretch, in a fresh process
 without ``TRITON_INTERPRET``
 (``crossfuse_fast.kernels.compile_inspector``).
 """
@@ -27,7 +27,7 @@ EXPECTED_KERNELS = {
     "_conv2d_fwd_kernel", "_conv2d_pool_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel",
     "_upsampled_conv_fwd_kernel", "_upsampled_conv_bwd_input_kernel", "_upsampled_conv_bwd_weight_kernel",
     "_channel_sum_kernel", "_weighted_sum_kernel", "_minmax_partial_kernel", "_minmax_stretch_kernel",
-    "_conv2d_minmax_fwd_kernel"}
+    "_conv2d_minmax_fwd_kernel", "_size_adjust_fwd_kernel", "_size_adjust_bwd_kernel"}
 MEASURED_SPILLS = {("_attention_fwd_kernel", "float32")}
 """Tiles chosen by timing on a GPU although Triton 3.9 spills registers there (bench/NOTES.md)."""
 

@@ -129,11 +129,13 @@ def test_compile_fullgraph_matches_eager():
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
 @pytest.mark.parametrize("height,width,in_channels,out_channels", [(6, 8, 3, 5), (2, 2, 32, 64), (10, 4, 1, 32),
-                                                                   (4, 6, 96, 64)])
+                                                                   (4, 6, 96, 64), (9, 13, 1, 32), (17, 8, 3, 5),
+                                                                   (3, 2, 2, 3)])
 def test_conv2d_pool_into(poisoned_allocations, height, width, in_channels, out_channels, dtype):
     """The convolution with its 2 x 2 max-pool in the epilogue: the pooled map written into a channel
     slice of a wider buffer (a dense block's first channels) and the full map beside it, three-way
-    against fp64; the other channels of the buffer are left as they were."""
+    against fp64; the other channels of the buffer are left as they were. Odd sides: the pool floors
+    and the full map's last row and column are written too."""
     x, weight, bias = _inputs(height, width, in_channels, out_channels, 3, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     buffer = torch.full((2, out_channels + 7, height // 2, width // 2), float("nan"), device=DEVICE, dtype=dtype)
@@ -152,10 +154,10 @@ def test_conv2d_pool_into(poisoned_allocations, height, width, in_channels, out_
     assert_three_way(twin, pool(exact, 2), pool(plain.float(), 2).to(dtype), dtype, name="twin")
 
 
-def test_conv2d_pool_into_names_odd_sides_and_records_no_gradient():
-    x, weight, bias = _inputs(5, 4, 3, 2, 3)
-    with torch.no_grad(), pytest.raises(ValueError, match="even sides, got 5 x 4"):
-        kernels.conv2d_pool_into(x, weight, bias, torch.empty(2, 2, 2, 2))
+def test_conv2d_pool_into_names_one_pixel_sides_and_records_no_gradient():
+    x, weight, bias = _inputs(1, 4, 3, 2, 3)
+    with torch.no_grad(), pytest.raises(ValueError, match="sides of 2 or more, got 1 x 4"):
+        kernels.conv2d_pool_into(x, weight, bias, torch.empty(2, 2, 0, 2))
     x, weight, bias = _inputs(4, 4, 3, 2, 3, grad=True)
     with pytest.raises(RuntimeError, match="records no gradient"):
         kernels.conv2d_pool_into(x, weight, bias, torch.empty(2, 2, 2, 2))

@@ -5,6 +5,7 @@ import torch
 from utils import DEVICE, INTERPRETER_DTYPES, assert_three_way
 
 from crossfuse_fast import kernels
+from crossfuse_fast.reference.functional import match_size
 from crossfuse_fast.reference.fusion import SourceWeights
 
 OPS = {"deep": (kernels.deep_weighted_sum, kernels.deep_weighted_sum_torch),
@@ -66,10 +67,40 @@ def test_gradient_reaches_the_base_only(op):
     assert torch.autograd.grad(torch_fn(base, ir, vis, 1.0).sum(), ir)[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("y_size,size", [((8, 8), (13, 15)), ((8, 16), (8, 19)), ((2, 3), (3, 5))],
+                         ids=["13x15", "8x19", "3x5"])
+def test_shallow_sum_reads_y_through_the_size_adjust(poisoned_allocations, y_size, size, dtype):
+    """A smaller ``y`` is size-adjusted as the decoder does (``match_size``) inside the shallow sum:
+    output and ``y``'s gradient three-way against fp64 and the twin in the same dtype."""
+    torch.manual_seed(sum(y_size) + sum(size))
+    y = torch.randn(2, 32, *y_size, device=DEVICE).to(dtype).requires_grad_()
+    ir, vis = (torch.rand(2, 32, *size, device=DEVICE).to(dtype) for _ in range(2))
+    exact_y = y.detach().double().requires_grad_()
+    got = kernels.shallow_weighted_sum(y, ir, vis, 0.75)
+    want = kernels.shallow_weighted_sum_torch(exact_y, ir.double(), vis.double(), 0.75)
+    low = kernels.shallow_weighted_sum_torch(y, ir, vis, 0.75)
+    reference = SourceWeights().double()
+    reference.conv_sh.weight.data.fill_(0.75 / 9)
+    w_ir, w_vis = reference.shallow(ir.double(), vis.double())
+    adjusted = match_size(exact_y, *size)
+    assert (want - (adjusted + 0.5 * w_ir * ir.double() + w_vis * vis.double())).abs().max().item() < 1e-12
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert_three_way(got, want, low, dtype)
+    upstream = torch.randn(got.shape, device=DEVICE)
+    grads = [torch.autograd.grad(out, wrt, upstream.to(out.dtype)) for out, wrt in
+             ((got, y), (want, exact_y), (low, y))]
+    assert_three_way(*(g[0] for g in grads[:2]), grads[2][0], dtype, name="y")
+
+
 def test_names_mismatched_maps():
     base, ir, vis = _maps((1, 8, 4, 5), torch.float32, False)
-    with pytest.raises(ValueError, match="vis must match the map it is added to"):
+    with pytest.raises(ValueError, match="vis must match ir"):
         kernels.deep_weighted_sum(base, ir, vis[:, :4], 1.0)
+    with pytest.raises(ValueError, match=r"fused must be \(1, 8, 4, 5\)"):
+        kernels.deep_weighted_sum(base[..., :4], ir, vis, 1.0)
+    with pytest.raises(ValueError, match="cannot reflect-pad a y height of 1 to 4"):
+        kernels.shallow_weighted_sum(base[..., :1, :], ir, vis, 1.0)
 
 
 def test_opcheck():
