@@ -11,6 +11,8 @@ and a PyTorch twin of the same signature (``*_torch``) for the CPU path:
 - :mod:`.gelu`: ``bias_gelu``; :mod:`.gemm_gelu`: ``linear_gelu`` (fc1's GEMM with bias and GELU);
 - :mod:`.implicit_gemm_conv`: ``conv2d``, ``conv2d_into``, ``conv2d_pool_into`` (NHWC convolutions,
   padding by address, a 2 x 2 max-pool in the epilogue);
+- :mod:`.dense_encoder`: ``dense_encoder`` (the encoder with each dense block in one buffer and each
+  pool in a convolution's epilogue, forward and backward: training on the kernels);
 - :mod:`.upsample_fold`: ``upsampled_conv`` (a nearest 2x upsampling folded into the 3 x 3 conv after it);
 - :mod:`.source_weighting`: ``deep_weighted_sum``, ``shallow_weighted_sum`` (the fusion decoder's weighting,
   the size adjust before the shallow one read by address);
@@ -26,6 +28,7 @@ compiled for sm_90 without a GPU).
 Importing this package needs Triton but no GPU; on a CPU the Triton ops run only under
 ``TRITON_INTERPRET=1`` (set before the first import), which is how the tests run them.
 """
+from .dense_encoder import dense_encoder, dense_encoder_torch
 from .flash_attention import (attention, attention_torch, cross_attention, cross_attention_torch, self_attention,
                               self_attention_torch)
 from .fused_layer_norm import add_layer_norm, add_layer_norm_torch, layer_norm, layer_norm_torch
@@ -45,8 +48,8 @@ __all__ = ["add_layer_norm", "add_layer_norm_to_map", "add_layer_norm_to_map_tor
            "attention", "attention_torch", "bias_gelu", "bias_gelu_torch", "conv2d", "conv2d_into",
            "conv2d_into_torch", "conv2d_minmax_to_255", "conv2d_minmax_to_255_torch", "conv2d_pool_into",
            "conv2d_pool_into_torch", "conv2d_torch", "cross_attention", "cross_attention_torch", "deep_weighted_sum",
-           "deep_weighted_sum_torch", "layer_norm", "layer_norm_from_map", "layer_norm_from_map_torch",
-           "layer_norm_torch", "linear_gelu", "linear_gelu_torch", "minmax_to_255", "minmax_to_255_torch",
-           "self_attention", "self_attention_torch", "shallow_weighted_sum", "shallow_weighted_sum_torch",
-           "size_adjust", "size_adjust_torch",
-           "upsampled_conv", "upsampled_conv_torch"]
+           "deep_weighted_sum_torch", "dense_encoder", "dense_encoder_torch", "layer_norm", "layer_norm_from_map",
+           "layer_norm_from_map_torch", "layer_norm_torch", "linear_gelu", "linear_gelu_torch", "minmax_to_255",
+           "minmax_to_255_torch", "self_attention", "self_attention_torch", "shallow_weighted_sum",
+           "shallow_weighted_sum_torch", "size_adjust", "size_adjust_torch", "upsampled_conv",
+           "upsampled_conv_torch"]

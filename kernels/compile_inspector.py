@@ -145,9 +145,10 @@ conv, the dense blocks and decoders (64 or more channels each way), the last 1 x
 
 
 def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
-    """The implicit-GEMM convolution (forward, with the pool in its epilogue, and backward) and the
-    upsampled convolution (forward and backward), compiled at the model's tile shapes, on
-    channels_last maps."""
+    """The implicit-GEMM convolution (forward, with the pool in its epilogue, and backward, its input
+    gradient also added into a dense buffer's), the max-pool's backward, and the upsampled
+    convolution (forward and backward), compiled at the model's tile shapes, on channels_last maps."""
+    from .dense_encoder import max_pool_bwd
     from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd, conv2d_pool_fwd
     from .upsample_fold import upsampled_conv_bwd, upsampled_conv_fwd
 
@@ -161,8 +162,10 @@ def conv_resources(dtypes=(torch.float32, torch.bfloat16)) -> list[Resources]:
                 conv2d_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out, padding_mode="reflect")
                 conv2d_bwd(out, x, weight, padding_mode="reflect")
                 if kernel == 3:
+                    conv2d_bwd(out, x, weight, padding_mode="reflect", add_into=torch.empty_like(x))
                     conv2d_pool_fwd(x, weight, torch.zeros(out_channels, dtype=dtype), out[:, :, :4, :4], out,
                                     padding_mode="reflect")
+                    max_pool_bwd(out, out[:, :, :4, :4])
                     phases = torch.randn(4 * out_channels, in_channels, 2, 2, dtype=dtype)
                     upsampled = upsampled_conv_fwd(x, phases, torch.zeros(out_channels, dtype=dtype))
                     upsampled_conv_bwd(upsampled, x, phases)

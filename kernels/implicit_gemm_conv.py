@@ -154,12 +154,13 @@ def _conv2d_bwd_input_kernel(
     DY, W, DX, pixels, height, width, in_channels, out_channels,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw, stride_wo, stride_wi, stride_wh, stride_ww,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
-    KERNEL: tl.constexpr, PADDING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    KERNEL: tl.constexpr, PADDING: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """A tile of input pixels by input channels. A pixel's gradient collects every padded position
     that reads it: itself and, for a one-pixel pad, the positions -1 and ``size`` of its row and
-    column where the padding maps them onto it (checked per tile, skipped where none does)."""
+    column where the padding maps them onto it (checked per tile, skipped where none does). With
+    ``ACCUMULATE`` the tile is added to what ``DX`` holds (a dense buffer's gradient)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,8 +188,10 @@ def _conv2d_bwd_input_kernel(
                 acc = gemm_over_channels(acc, DY, dy_pixel, valid, stride_dyc, W + w_tap, stride_wo,
                                          offs_n * stride_wi, mask_n, out_channels, BLOCK_K, INPUT_PRECISION)
     dx_pixel = image * stride_dxn + row * stride_dxh + column * stride_dxw
-    tl.store(DX + dx_pixel[:, None] + offs_n[None, :] * stride_dxc, acc.to(DX.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    dx = DX + dx_pixel[:, None] + offs_n[None, :] * stride_dxc
+    if ACCUMULATE:
+        acc += tl.load(dx, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    tl.store(dx, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -352,12 +355,15 @@ def weight_gradient_split(pixels: int, out_channels: int, in_channels: int,
 
 
 def conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, *, padding_mode: str, tf32: bool = False,
-               input_gradient: bool = True, tiles: ConvTiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               input_gradient: bool = True, add_into: Tensor | None = None,
+               tiles: ConvTiles | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d_fwd` for its output gradient ``grad_y``
     (any strides): ``grad_x`` in channels_last, the padding's gradient added onto the pixels it
     reads, computed by address; ``grad_bias`` is the per-channel sum whether or not there is a
-    bias; without ``input_gradient``, ``grad_x`` is empty and not computed. Design limit: 1 x 1 and
-    3 x 3 kernels."""
+    bias; without ``input_gradient``, ``grad_x`` is empty and not computed. With ``add_into`` (the
+    shape of ``x``, any strides, e.g. the first channels of a dense buffer's gradient) the input
+    gradient is added to it in place and ``grad_x`` is ``add_into``. Design limit: 1 x 1 and 3 x 3
+    kernels."""
     _check(x, weight, None, padding_mode)
     batch, in_channels, height, width = x.shape
     out_channels, kernel = weight.shape[0], weight.shape[2]
@@ -369,15 +375,18 @@ def conv2d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, *, padding_mode: str, 
     precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
     options = dict(KERNEL=kernel, PADDING=PADDING_MODES.index(padding_mode), INPUT_PRECISION=precision,
                    **COMPILER_OPTIONS)
+    if add_into is not None and (add_into.shape != x.shape or add_into.dtype != x.dtype):
+        raise ValueError(f"add_into must be {tuple(x.shape)} {x.dtype}, got {tuple(add_into.shape)} {add_into.dtype}")
     grad_x = x.new_empty(0)
     if input_gradient:
         input_tiles = tiles or conv_input_gradient_tiles(out_channels, in_channels, x.dtype)
-        grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last) if add_into is None else add_into
         _conv2d_bwd_input_kernel[(triton.cdiv(pixels, input_tiles.block_m),
                                   triton.cdiv(in_channels, input_tiles.block_n))](
             grad_y, weight, grad_x, pixels, height, width, in_channels, out_channels, *grad_y.stride(),
-            *weight.stride(), *grad_x.stride(), BLOCK_M=input_tiles.block_m, BLOCK_N=input_tiles.block_n,
-            BLOCK_K=input_tiles.block_k, num_warps=input_tiles.num_warps, num_stages=input_tiles.num_stages, **options)
+            *weight.stride(), *grad_x.stride(), ACCUMULATE=add_into is not None, BLOCK_M=input_tiles.block_m,
+            BLOCK_N=input_tiles.block_n, BLOCK_K=input_tiles.block_k, num_warps=input_tiles.num_warps,
+            num_stages=input_tiles.num_stages, **options)
     block_co, block_ci, block_m, splits, pixels_per_split = weight_gradient_split(pixels, out_channels, in_channels,
                                                                                   kernel * kernel)
     partial = torch.empty(splits, kernel * kernel, out_channels, in_channels, device=x.device, dtype=torch.float32)

@@ -21,15 +21,26 @@ import torch
 from torch import Tensor
 
 
+def _tensors(args) -> list[Tensor]:
+    """The tensors among ``args``, and among the lists of tensors there."""
+    found = []
+    for a in args:
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found += [t for t in a if isinstance(t, Tensor)]
+    return found
+
+
 def direct_call(*args) -> bool:
-    """True outside ``torch.compile`` when no tensor among ``args`` needs a gradient.
+    """True outside ``torch.compile`` when no tensor among ``args`` (or in a list there) needs a gradient.
 
     Then the op's autograd and compiler registration add nothing but Python dispatch (tens of
     microseconds per call, which dominates small inference batches), so :class:`FusedOp` calls
     the implementation it wraps.
     """
     return not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args))
+        torch.is_grad_enabled() and any(t.requires_grad for t in _tensors(args)))
 
 
 class FusedOp:
@@ -55,7 +66,7 @@ class FusedOp:
             self.op.register_autograd(backward, setup_context=setup_context)
 
     def __call__(self, *args):
-        if any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
+        if any(t.dtype == torch.float64 for t in _tensors(args)):
             raise ValueError(f"crossfuse::{self.name} takes float32, float16 or bfloat16 tensors, not float64; "
                              "its PyTorch twin takes float64")
         return (self.impl if direct_call(*args) else self.op)(*args)

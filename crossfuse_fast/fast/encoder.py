@@ -107,9 +107,10 @@ class FastAutoEncoder(nn.Module):
     map after follows them: PyTorch keeps each convolution, pad, pool and concat in the layout of
     its input, through the fusion network too. Where ``kernel_backend`` resolves to ``"triton"``
     (a GPU under ``"auto"``) the encoder's convolutions run on the Triton kernels instead, on NHWC
-    maps: in inference each dense block in one buffer and each pool in its convolution's epilogue
-    (:func:`encode_in_buffers`), with gradients the pieces concatenated
-    (:func:`dense_block_on_kernels`); the same function up to rounding. Raises ``ValueError`` for
+    maps: each dense block in one buffer and each pool in its convolution's epilogue, in inference
+    (:func:`encode_in_buffers`) and with gradients (:func:`crossfuse_fast.kernels.dense_encoder`, whose
+    backward accumulates in the buffers too); the same function up to rounding. An encoder of
+    another layout than the released one runs its pieces concatenated (:func:`dense_block_on_kernels`). Raises ``ValueError`` for
     dense blocks whose convolutions do not all pad by one pixel (the released 3 x 3 ones do).
     """
 
@@ -135,8 +136,13 @@ class FastAutoEncoder(nn.Module):
             x = image_layout(images, True) / 255.0
             recording = torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in encoder.parameters()))
-            if not recording and chains_pools(encoder):
-                return encode_in_buffers(encoder, x)
+            if chains_pools(encoder):
+                if not recording:
+                    return encode_in_buffers(encoder, x)
+                layers = [encoder.conv1] + [layer for block in encoder.dense_blocks[0::2]
+                                            for layer in (*_dense_layers(block), block.adjust_conv)]
+                return kernels.dense_encoder(x, [layer.conv2d[0].weight for layer in layers],
+                                             [layer.conv2d[0].bias for layer in layers])
             shallow = _conv(encoder.conv1, x)
             block = dense_block_on_kernels
         else:

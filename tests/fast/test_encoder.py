@@ -91,20 +91,32 @@ def test_triton_encoder_is_the_reference(poisoned_allocations, height, width):
         assert_three_way(got, want, low, torch.float32, name=name)
 
 
-def test_triton_encoder_gradients_are_the_reference_ones():
-    """With gradients the Triton path concatenates its pieces: the autoencoder's own parameters get
-    the reference's gradients (fp32 against fp64, within twice the reference's own error)."""
+def test_triton_encoder_gradients_are_the_reference_ones(monkeypatch):
+    """With gradients the Triton path keeps each dense block in one buffer too
+    (``kernels.dense_encoder``: no ``torch.cat``, no PyTorch pool, forward or backward): the
+    encoder's own parameters get the reference's gradients of a loss on both maps (fp32 against
+    fp64, within twice the reference's own error), at the model's channel counts and odd sides."""
     torch.manual_seed(4)
     autoencoder = AutoEncoder().train().to(DEVICE)
     exact = copy.deepcopy(autoencoder).double()
-    images = torch.rand(2, 1, 16, 8, device=DEVICE) * 255
+    images = torch.rand(2, 1, 17, 9, device=DEVICE) * 255
+    encoder = autoencoder.fea_encoder1
 
     def grads(model, network, images):
-        return torch.autograd.grad(network(images).square().mean(), list(model.parameters()))
+        shallow, deep = network.encode(images)
+        return torch.autograd.grad(shallow.square().mean() + deep.square().mean(),
+                                   list(model.fea_encoder1.parameters()))
 
     want = grads(exact, exact, images.double())
     plain = grads(autoencoder, autoencoder, images)
+    for name in ("cat",):
+        monkeypatch.setattr(torch, name, lambda *args, name=name, **kwargs: pytest.fail(f"torch.{name} ran"))
+    for name in ("max_pool2d", "conv2d", "pad"):
+        monkeypatch.setattr(torch.nn.functional, name, lambda *args, name=name, **kwargs: pytest.fail(
+            f"torch.nn.functional.{name} ran"))
     got = grads(autoencoder, FastAutoEncoder(autoencoder, kernel_backend="triton"), images)
+    monkeypatch.undo()
+    assert len(got) == len(list(encoder.parameters()))
     scale = max(w.abs().max().item() for w in want)
     for g, w, p in zip(got, want, plain):
         assert (g.double() - w).abs().max().item() <= 2 * (p.double() - w).abs().max().item() + 1e-6 * scale

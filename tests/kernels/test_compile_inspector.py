@@ -27,7 +27,7 @@ EXPECTED_KERNELS = {
     "_conv2d_fwd_kernel", "_conv2d_pool_fwd_kernel", "_conv2d_bwd_input_kernel", "_conv2d_bwd_weight_kernel",
     "_upsampled_conv_fwd_kernel", "_upsampled_conv_bwd_input_kernel", "_upsampled_conv_bwd_weight_kernel",
     "_channel_sum_kernel", "_weighted_sum_kernel", "_minmax_partial_kernel", "_minmax_stretch_kernel",
-    "_conv2d_minmax_fwd_kernel", "_size_adjust_fwd_kernel", "_size_adjust_bwd_kernel"}
+    "_conv2d_minmax_fwd_kernel", "_size_adjust_fwd_kernel", "_size_adjust_bwd_kernel", "_max_pool_bwd_kernel"}
 MEASURED_SPILLS = {("_attention_fwd_kernel", "float32")}
 """Tiles chosen by timing on a GPU although Triton 3.9 spills registers there (bench/NOTES.md)."""
 
