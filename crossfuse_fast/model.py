@@ -33,6 +33,16 @@ class CrossFuse(nn.Module):
         vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
         return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow, shift=shift)
 
+    def fast(self, kernel_backend: str = "auto") -> nn.Module:
+        """This model on the fast path: a :class:`crossfuse_fast.fast.FastCrossFuse` sharing its
+        parameters (docs/fast-path.md), the network ``fuse(backend="fast")`` runs. Its call is this
+        model's, up to rounding; ``kernel_backend`` ``"auto"`` runs the Triton kernels on a GPU and
+        their PyTorch twins elsewhere (``"triton"``, ``"torch"`` to choose). It compiles whole:
+        ``torch.compile(model.fast(), fullgraph=True)``. Raises ``ValueError`` where Triton is not
+        installed."""
+        from .backends import _fast_module
+        return _fast_module().FastCrossFuse(self, kernel_backend)
+
     @classmethod
     def pretrained(cls, weights_dir: str | os.PathLike | None = None, *, progress: bool = True) -> CrossFuse:
         """The authors' released weights, fetched into ``weights_dir`` (default: the cache folder of

@@ -291,10 +291,21 @@ def upsampled_conv_torch(x: Tensor, kernels: Tensor, bias: Tensor | None = None,
     phases = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels,
                       None if bias is None else bias.repeat(4))
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+
+    def phase(row: int, column: int) -> Tensor:
+        first = (2 * row + column) * channels
+        return phases[:, first:first + channels, row:row + height, column:column + width]
+
+    if torch.compiler.is_compiling():
+        # Inductor fails on two such upsamplings in a row when the phases are written by strided
+        # slices ("vr must not be None"); stacked, they compile (and run slower eagerly).
+        rows = [torch.stack([phase(row, 0), phase(row, 1)], dim=-1) for row in (0, 1)]
+        out = torch.stack(rows, dim=3).reshape(batch, channels, 2 * height, 2 * width)
+        return out.contiguous(memory_format=layout)
     out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=phases.dtype, device=phases.device,
-                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+                      memory_format=layout)
     for row in (0, 1):
         for column in (0, 1):
-            first = (2 * row + column) * channels
-            out[:, :, row::2, column::2] = phases[:, first:first + channels, row:row + height, column:column + width]
+            out[:, :, row::2, column::2] = phase(row, column)
     return out

@@ -33,7 +33,7 @@ class FastFusionDecoder(nn.Module):
         convs = (reference.weight.conv_de, reference.weight.conv_sh)
         # Checked here, before any work is queued: reading the weights' values waits for a GPU.
         self._box_values = Derived(lambda: tuple(t for conv in convs for t in (conv.weight, conv.bias)),
-                                   lambda: uniform_box_values(reference))
+                                   lambda: uniform_box_values(reference), traceable=False)
         self._box_values.get()
         self._upsample_steps = folded_steps([reference.conv1, reference.up, *reference.conv_block], kernel_backend)
         self.conv_last = FoldedConvLayer(reference.conv_last, kernel_backend=kernel_backend)
