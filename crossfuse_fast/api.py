@@ -15,6 +15,7 @@ import torch
 from . import tiling
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_crossfuse, resolve_backend
 from .model import CrossFuse
+from .precision import DEFAULT_PRECISION, SIXTEEN_BITS, check_precision, model_in, tf32_allowed
 
 UINT16_SCALINGS = ("minmax", "full")
 DEFAULT_UINT16_SCALING = "minmax"
@@ -29,7 +30,8 @@ RELEASED = "released"
 
 
 def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: str = DEFAULT_BACKEND,
-         uint16_scaling: str = DEFAULT_UINT16_SCALING, tile: int | None = tiling.DEFAULT_TILE):
+         uint16_scaling: str = DEFAULT_UINT16_SCALING, tile: int | None = tiling.DEFAULT_TILE,
+         precision: str = DEFAULT_PRECISION):
     """Fuse infrared and visible images with CrossFuse.
 
     Torch tensors ``[B, 1, H, W]``, float on 0..255, give the fused ``[B, 1, H, W]`` float on
@@ -71,7 +73,13 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     in training mode keeps its mode and statistics (:func:`eval_view`). Mismatched sizes, wrong
     dtypes or shapes, NaN or infinite values, tensors beyond 0..255 (by more than one level) and
     images under 8 x 8 raise ``ValueError`` naming the problem.
+
+    ``precision`` (:mod:`crossfuse_fast.precision`): ``"fp32"`` (default), ``"tf32"`` (TF32 products
+    on a GPU; fp32 on a CPU), ``"bf16"`` or ``"fp16"`` (the fast path on 16-bit weights and maps with
+    fp32 accumulation, the decoder's weighting and the final stretch in fp32; a float32 result
+    whose error against fp32 the README gives; ``backend="reference"`` stays fp32 and refuses them).
     """
+    check_precision(precision)
     resolved = resolve_backend(backend)
     if backend == "auto" and resolved == "reference":
         warnings.warn(NO_TRITON_NOTICE, RuntimeWarning, stacklevel=2)
@@ -87,16 +95,19 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     if not isinstance(model, CrossFuse):
         raise ValueError("model must be 'released', a CrossFuse, or the path of a saved one or of the released "
                          f"weights' folder, not {type(model).__name__}")
+    if backend == "reference" and precision in SIXTEEN_BITS:
+        raise ValueError(f"precision {precision!r} runs on the fast path; the reference model is the fp32 oracle "
+                         "(backend 'fast' or 'auto' for 16 bits)")
     if isinstance(ir, torch.Tensor) and isinstance(vis, torch.Tensor):
-        return _fuse_tensors(ir, vis, model, backend, tile)
+        return _fuse_tensors(ir, vis, model, backend, tile, precision)
     if isinstance(ir, np.ndarray) and isinstance(vis, np.ndarray):
-        return _fuse_images([ir], [vis], model, uint16_scaling, backend, tile)[0]
+        return _fuse_images([ir], [vis], model, uint16_scaling, backend, tile, precision)[0]
     if isinstance(ir, (list, tuple)) and isinstance(vis, (list, tuple)):
         if len(ir) != len(vis) or not ir:
             raise ValueError(f"ir and vis must be lists of as many images, at least one, got {len(ir)} and {len(vis)}")
         if not all(isinstance(x, np.ndarray) for x in (*ir, *vis)):
             raise ValueError("lists of images must hold numpy arrays")
-        return _fuse_images(list(ir), list(vis), model, uint16_scaling, backend, tile)
+        return _fuse_images(list(ir), list(vis), model, uint16_scaling, backend, tile, precision)
     raise ValueError("ir and vis must both be torch tensors, both numpy arrays or both lists of numpy arrays, "
                      f"not {type(ir).__name__} and {type(vis).__name__}")
 
@@ -129,15 +140,17 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has values from {low:.4g} to {high:.4g}; fuse takes images on 0..255")
 
 
-def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend: str, tile: int | None) -> torch.Tensor:
+def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend: str, tile: int | None,
+                  precision: str = DEFAULT_PRECISION) -> torch.Tensor:
     _check_tensor("ir", ir)
     _check_tensor("vis", vis)
     if ir.shape != vis.shape:
         raise ValueError(f"ir and vis differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
-    parameter = next(model.parameters())
     device = ir.device
-    with torch.inference_mode():
-        model = eval_view(model)
+    with torch.no_grad():  # not inference mode: the 16-bit copy keeps version counters for its cache
+        model = model_in(eval_view(model), precision)
+    parameter = next(model.parameters())
+    with torch.inference_mode(), tf32_allowed(precision):
         network = fast_crossfuse(model) if backend == "fast" else model
         ir, vis = ir.to(parameter), vis.to(parameter)
         # A CPU runs the full-resolution convolutions of a batch slower than its images one
@@ -147,7 +160,7 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
         fused = torch.cat([tiling.fuse_in_tiles(network, ir[start:start + chunk], vis[start:start + chunk], tile)
                            if in_tiles else network(ir[start:start + chunk], vis[start:start + chunk])
                            for start in range(0, ir.shape[0], chunk)])
-    return fused.to(device)
+    return fused.to(device=device, dtype=torch.float32 if precision in SIXTEEN_BITS else fused.dtype)
 
 
 def eval_view(model: CrossFuse) -> CrossFuse:
@@ -184,9 +197,11 @@ def _to_unit_float(image: np.ndarray, uint16_scaling: str) -> np.ndarray:
     return (image.astype(np.float32) - low) / max(high - low, 1.0)
 
 
-def _luminance(ir: np.ndarray, vis: np.ndarray, uint16_scaling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A checked pair as float32 grey on 0..255 ``(ir, vis luma)``, and the visible YCrCb on 0..1
-    when the visible image is in colour (else ``None``)."""
+def luminance_pair(ir: np.ndarray, vis: np.ndarray,
+                   uint16_scaling: str = DEFAULT_UINT16_SCALING) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A pair of images as :func:`fuse` takes them, checked, as float32 grey on 0..255 ``(ir, vis
+    luma)``, and the visible YCrCb on 0..1 when the visible image is in colour (else ``None``);
+    ``ValueError`` names what is wrong. :func:`to_image` turns the fused luma back into an image."""
     _check_image("ir", ir, colour_ok=True)
     _check_image("vis", vis, colour_ok=True)
     if ir.shape[:2] != vis.shape[:2]:
@@ -207,18 +222,21 @@ def _luminance(ir: np.ndarray, vis: np.ndarray, uint16_scaling: str) -> tuple[np
 
 
 def _fuse_images(irs: list[np.ndarray], viss: list[np.ndarray], model: CrossFuse, uint16_scaling: str,
-                 backend: str, tile: int | None) -> list[np.ndarray]:
-    pairs = [_luminance(ir, vis, uint16_scaling) for ir, vis in zip(irs, viss)]
+                 backend: str, tile: int | None, precision: str = DEFAULT_PRECISION) -> list[np.ndarray]:
+    pairs = [luminance_pair(ir, vis, uint16_scaling) for ir, vis in zip(irs, viss)]
     sizes = {pair[0].shape for pair in pairs}
     if len(sizes) > 1:
         raise ValueError(f"the images of one call must share a size, got {' and '.join(f'{h} x {w}' for h, w in sorted(sizes))}")
     ir_tensor = torch.from_numpy(np.stack([pair[0] for pair in pairs]))[:, None]
     vis_tensor = torch.from_numpy(np.stack([pair[1] for pair in pairs]))[:, None]
-    fused_batch = _fuse_tensors(ir_tensor, vis_tensor, model, backend, tile)[:, 0].cpu().numpy()
-    results = []
-    for fused, (_, _, ycrcb) in zip(fused_batch, pairs):
-        if ycrcb is not None:
-            ycrcb[..., 0] = fused / 255.0
-            fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0
-        results.append(np.clip(np.rint(fused), 0, 255).astype(np.uint8))
-    return results
+    fused_batch = _fuse_tensors(ir_tensor, vis_tensor, model, backend, tile, precision)[:, 0].cpu().numpy()
+    return [to_image(fused, ycrcb) for fused, (_, _, ycrcb) in zip(fused_batch, pairs)]
+
+
+def to_image(fused: np.ndarray, ycrcb: np.ndarray | None) -> np.ndarray:
+    """The fused luma ``[H, W]`` on 0..255 as a uint8 image, rounded to nearest: grey, or in colour
+    with the visible image's chroma when :func:`luminance_pair` gave its ``ycrcb`` (changed here)."""
+    if ycrcb is not None:
+        ycrcb[..., 0] = fused / 255.0
+        fused = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2BGR) * 255.0
+    return np.clip(np.rint(fused), 0, 255).astype(np.uint8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -25,6 +26,7 @@ from .evaluation import FORMATS
 from .files import write_image, write_text
 from .metrics import CONVENTIONS, METRICS
 from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
+from .precision import DEFAULT_PRECISION, PRECISIONS
 from .reference import AutoEncoder
 from .resume import Interrupted
 from .tiling import DEEP_STEP, DEFAULT_TILE
@@ -62,6 +64,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
     return value
 
 
@@ -148,13 +160,6 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def _read_image(path: Path):
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError(f"{path}: not a readable image")
-    return image
-
-
 def _fuse_jobs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path, Path]], list[str]]:
     """``(ir, vis, out)`` triples (one pair of files, two folders paired by name, or the pairs of a
     CSV) and one line per file the pairing left out. Refuses, before any work, outputs that would
@@ -220,7 +225,7 @@ def _command_fuse_video(args: argparse.Namespace) -> int:
 
     def fuse_frames(ir_frames, vis_frames):
         return fuse(ir_frames, vis_frames, model=model, uint16_scaling=args.uint16_scaling, backend=backend,
-                    tile=args.tile)
+                    tile=args.tile, precision=args.precision)
 
     bar = None
 
@@ -242,11 +247,12 @@ def _command_fuse_video(args: argparse.Namespace) -> int:
 
 def _command_fuse(args: argparse.Namespace) -> int:
     """Fuse every pair that has no output yet (``--overwrite``: every pair), each written atomically;
-    a pair that fails is reported and the others go on. 0 when none failed, else 2. Two videos
-    are fused frame by frame (:func:`_command_fuse_video`)."""
+    a pair that fails is reported and the others go on. 0 when none failed, else 2. Pairs are read
+    ahead by loader workers and fused in same-size batches (:mod:`crossfuse_fast.batched_fusion`);
+    two videos are fused frame by frame (:func:`_command_fuse_video`)."""
     from tqdm import tqdm
 
-    from .api import fuse
+    from .batched_fusion import fuse_batch_with, fuse_files
     if not args.pairs and (is_video(args.ir) or is_video(args.vis)):
         return _command_fuse_video(args)
     jobs, problems = _fuse_jobs(args)
@@ -255,25 +261,38 @@ def _command_fuse(args: argparse.Namespace) -> int:
     todo = [job for job in jobs if args.overwrite or not job[2].exists()]
     skipped = len(jobs) - len(todo)
     failures: list[str] = []
+    rate = ""
     if todo:
         device = _device(args.device)
         backend = _backend(args)
         model = _load_model(args).to(device)
-        for ir_path, vis_path, out in tqdm(todo, unit="pair", desc="fusing", disable=None, leave=False):
-            try:
-                fused = fuse(_read_image(ir_path), _read_image(vis_path), model=model,
-                             uint16_scaling=args.uint16_scaling, backend=backend, tile=args.tile)
-                write_image(out, fused, overwrite=True)
-            except (ValueError, OSError, cv2.error) as error:
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                failures.append(f"{ir_path}, {vis_path}: {reason}")
-                continue
-            print(out)
+        fuse_batch = fuse_batch_with(model, backend=backend, tile=args.tile, precision=args.precision)
+        started = time.perf_counter()
+        with tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, leave=False) as bar:
+            for result in fuse_files(todo, fuse_batch, device=device, batch_size=args.batch_size,
+                                     workers=args.workers, uint16_scaling=args.uint16_scaling):
+                ir_path, vis_path, out = todo[result.index]
+                bar.update()
+                try:
+                    if result.image is None:
+                        raise ValueError(result.error)
+                    write_image(out, result.image, overwrite=True)
+                except (ValueError, OSError, cv2.error) as error:
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    failures.append(f"{ir_path}, {vis_path}: {reason}")
+                    continue
+                print(out)
+        fused_count = len(todo) - len(failures)
+        if fused_count > 1:
+            rate = (f"crossfuse fuse: {fused_count / (time.perf_counter() - started):.3g} pairs per second "
+                    "(reading, fusing and writing)")
     for line in failures:
         print(f"crossfuse fuse: failed: {line}", file=sys.stderr)
     if len(jobs) > 1 or skipped or failures:
         print(f"crossfuse fuse: {len(todo) - len(failures)} fused, {skipped} skipped (their outputs exist; "
               f"--overwrite to redo them), {len(failures)} failed", file=sys.stderr)
+    if rate:
+        print(rate, file=sys.stderr)
     return 2 if failures else 0
 
 
@@ -442,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images with a side longer than this fuse in overlapping tiles, so memory stays "
                       "near that of one PIXELS x PIXELS image (the same result up to rounding); a multiple "
                       "of 8, or 0 for never")
+    fuse.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                      help="fp32; tf32 (TF32 products on a GPU); bf16 or fp16 (the fast path in 16 bits with fp32 "
+                      "accumulation, the weighting and the final stretch in fp32; the README gives the error)")
+    fuse.add_argument("--batch-size", type=_positive, default=8, metavar="N",
+                      help="pairs of one size fused together (a GPU fuses a batch at once; a CPU one pair at a time)")
+    fuse.add_argument("--workers", type=_non_negative, default=2, metavar="N",
+                      help="processes reading the next pairs while a batch is fused (0: read in the main process)")
     fuse.add_argument("--frames-per-batch", type=_positive, default=DEFAULT_FRAMES_PER_BATCH, metavar="N",
                       help="video frames fused per call (two videos: --ir ir.mp4 --vis vis.mp4 --out fused.mp4)")
     fuse.add_argument("--overwrite", action="store_true", help="fuse every pair again, replacing existing outputs "

@@ -75,7 +75,9 @@ def fuse_in_tiles(network: nn.Module, ir: Tensor, vis: Tensor, tile: int = DEFAU
         for columns in _spans(width, tile):
             block = _decode_tile(network, decoder, deep_sum, ir, vis, rows, columns)
             if result is None:
-                result = block.new_empty(*block.shape[:2], height, width)
+                # 16-bit maps are stretched in fp32 (crossfuse_fast.precision).
+                result = block.new_empty(*block.shape[:2], height, width,
+                                         dtype=torch.promote_types(block.dtype, torch.float32))
             result[..., rows[0]:rows[1], columns[0]:columns[1]] = block
     return minmax_to_255(result)
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.functional import reflect_pad_extended
-from .compiler_options import COMPILER_OPTIONS
+from .compiler_options import COMPILER_OPTIONS, tf32_requested
 from .implicit_gemm_conv import conv2d_bwd, conv2d_fwd, conv2d_pool_fwd
 from .registry import FusedOp
 
@@ -117,7 +117,7 @@ def _check(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> None:
                          f"{2 ** (1 + len(_blocks(weights)))} pixels or more, got {x.shape[2]} x {x.shape[3]}")
 
 
-def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> list[Tensor]:
+def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf32: bool = False) -> list[Tensor]:
     """``[shallow, deep, buffer, full, buffer, full, ...]``: the encoder's outputs, then per dense block
     its buffer and its adjust convolution's full map (what the backward reads)."""
     _check(x, weights, biases)
@@ -129,11 +129,11 @@ def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor]) ->
         grown = block[-1].shape[1]
         buffer = _nhwc(x, grown, height, width)
         conv2d_pool_fwd(source, weights[layer], biases[layer], buffer[:, :block[0].shape[1]], full,
-                        padding_mode="reflect")
+                        padding_mode="reflect", tf32=tf32)
         filled = block[0].shape[1]
         for index, weight in enumerate(block[:-1], start=layer + 1):
             conv2d_fwd(buffer[:, :filled], weight, biases[index], buffer[:, filled:filled + weight.shape[0]],
-                       padding_mode="reflect")
+                       padding_mode="reflect", tf32=tf32)
             filled += weight.shape[0]
         layer += LAYERS_PER_BLOCK
         full = _nhwc(x, block[-1].shape[0], height, width)
@@ -141,12 +141,12 @@ def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor]) ->
         source = buffer
         height, width = height // 2, width // 2
     deep = _nhwc(x, weights[-1].shape[0], height, width)
-    conv2d_pool_fwd(source, weights[layer], biases[layer], deep, full, padding_mode="reflect")
+    conv2d_pool_fwd(source, weights[layer], biases[layer], deep, full, padding_mode="reflect", tf32=tf32)
     return [shallow, deep, *saved]
 
 
 def dense_encoder_bwd(grad_shallow: Tensor, grad_deep: Tensor, x: Tensor, weights: list[Tensor],
-                      saved: list[Tensor], input_gradient: bool) -> list[Tensor]:
+                      saved: list[Tensor], input_gradient: bool, tf32: bool = False) -> list[Tensor]:
     """``[grad_x, *grad_weights, *grad_biases]`` of :func:`dense_encoder_fwd` (``saved`` its outputs
     after the first two); ``grad_x`` is empty without ``input_gradient``."""
     shallow, buffers, fulls = saved[0], saved[1::2], saved[2::2]
@@ -159,27 +159,27 @@ def dense_encoder_bwd(grad_shallow: Tensor, grad_deep: Tensor, x: Tensor, weight
         adjust = first + LAYERS_PER_BLOCK - 1
         grad_full = max_pool_bwd(fulls[number], grad_pooled)
         grad_buffer, grad_weights[adjust], grad_biases[adjust] = conv2d_bwd(grad_full, buffer, weights[adjust],
-                                                                            padding_mode="reflect")
+                                                                            padding_mode="reflect", tf32=tf32)
         filled = buffer.shape[1]
         for index in reversed(range(first, adjust)):
             filled -= weights[index].shape[0]
             _, grad_weights[index], grad_biases[index] = conv2d_bwd(
                 grad_buffer[:, filled:filled + weights[index].shape[0]], buffer[:, :filled], weights[index],
-                padding_mode="reflect", add_into=grad_buffer[:, :filled])
+                padding_mode="reflect", tf32=tf32, add_into=grad_buffer[:, :filled])
         grad_pooled = grad_buffer[:, :filled]
     grad_conv1 = max_pool_bwd(shallow, grad_pooled, grad_shallow)
     grad_x, grad_weights[0], grad_biases[0] = conv2d_bwd(grad_conv1, x, weights[0], padding_mode="reflect",
-                                                         input_gradient=input_gradient)
+                                                         tf32=tf32, input_gradient=input_gradient)
     return [grad_x, *grad_weights, *grad_biases]
 
 
 # ---- registered ops ----------------------------------------------------------------------------
 
-def _dense_encoder_impl(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> list[Tensor]:
-    return dense_encoder_fwd(x, weights, biases)
+def _dense_encoder_impl(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf32: bool) -> list[Tensor]:
+    return dense_encoder_fwd(x, weights, biases, tf32)
 
 
-def _dense_encoder_fake(x, weights, biases):
+def _dense_encoder_fake(x, weights, biases, tf32):
     height, width = x.shape[2], x.shape[3]
     outputs = [_nhwc(x, weights[0].shape[0], height, width)]
     saved = []
@@ -190,11 +190,11 @@ def _dense_encoder_fake(x, weights, biases):
 
 
 def _dense_encoder_backward_impl(grad_shallow: Tensor, grad_deep: Tensor, x: Tensor, weights: list[Tensor],
-                                 saved: list[Tensor], input_gradient: bool) -> list[Tensor]:
-    return dense_encoder_bwd(grad_shallow, grad_deep, x, weights, saved, input_gradient)
+                                 saved: list[Tensor], input_gradient: bool, tf32: bool) -> list[Tensor]:
+    return dense_encoder_bwd(grad_shallow, grad_deep, x, weights, saved, input_gradient, tf32)
 
 
-def _dense_encoder_backward_fake(grad_shallow, grad_deep, x, weights, saved, input_gradient):
+def _dense_encoder_backward_fake(grad_shallow, grad_deep, x, weights, saved, input_gradient, tf32):
     return ([torch.empty_like(x, memory_format=torch.channels_last) if input_gradient else x.new_empty(0)]
             + [torch.empty_like(w) for w in weights] + [w.new_empty(w.shape[0]) for w in weights])
 
@@ -204,7 +204,7 @@ _dense_encoder_backward = FusedOp("dense_encoder_backward", _dense_encoder_backw
 
 
 def _dense_encoder_setup(ctx, inputs, output):
-    x, weights, _ = inputs
+    x, weights, _, ctx.tf32 = inputs
     ctx.save_for_backward(x, *weights, *output[:1], *output[2:])
     ctx.layers = len(weights)
 
@@ -217,25 +217,27 @@ def _dense_encoder_grads(ctx, grads):
     if grad_deep is None:
         grad_deep = x.new_zeros(saved[0].shape[0], weights[-1].shape[0], *[s // 2 for s in saved[-1].shape[2:]])
     needs_x = ctx.needs_input_grad[0]
-    result = _dense_encoder_backward.op(grad_shallow, grad_deep, x, list(weights), list(saved), needs_x)
-    return result[0] if needs_x else None, result[1:1 + ctx.layers], result[1 + ctx.layers:]
+    result = _dense_encoder_backward.op(grad_shallow, grad_deep, x, list(weights), list(saved), needs_x, ctx.tf32)
+    return result[0] if needs_x else None, result[1:1 + ctx.layers], result[1 + ctx.layers:], None
 
 
 _dense_encoder = FusedOp("dense_encoder", _dense_encoder_impl, _dense_encoder_fake, backward=_dense_encoder_grads,
                          setup_context=_dense_encoder_setup)
 
 
-def dense_encoder(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, Tensor]:
+def dense_encoder(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
+                  tf32: bool | None = None) -> tuple[Tensor, Tensor]:
     """The encoder ``(shallow, deep)`` of ``x`` ``[B, Cin, H, W]``: a 3 x 3 convolution (``weights[0]``),
     then per dense block three dense layers and an adjust convolution (four weights each), every
     convolution reflection-padded by one and each followed where the model pools by a 2 x 2
     max-pool, in one buffer per block (see the module's note); channels_last (Triton), with
-    gradients for ``x``, every weight and every bias."""
-    shallow, deep, *_ = _dense_encoder(x, list(weights), list(biases))
+    gradients for ``x``, every weight and every bias. ``tf32`` as in :func:`.implicit_gemm_conv.conv2d`."""
+    shallow, deep, *_ = _dense_encoder(x, list(weights), list(biases), tf32_requested(tf32))
     return shallow, deep
 
 
-def dense_encoder_torch(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, Tensor]:
+def dense_encoder_torch(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
+                        tf32: bool | None = None) -> tuple[Tensor, Tensor]:
     """PyTorch twin of :func:`dense_encoder` (with autograd), in the layout of ``x``: the reference's
     padding, convolutions, concatenations and pools."""
     _check(x, weights, biases)

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.functional import reflect_pad_extended
-from .compiler_options import COMPILER_OPTIONS
+from .compiler_options import COMPILER_OPTIONS, tf32_requested
 from .registry import FusedOp
 from .windows import mirror_index
 
@@ -462,11 +462,12 @@ _conv2d_pool_into = FusedOp("conv2d_pool_into", _conv2d_pool_into_impl,
 # ---- public functions and their PyTorch twins ----------------------------------------------------
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding_mode: str = "reflect",
-           tf32: bool = False) -> Tensor:
+           tf32: bool | None = None) -> Tensor:
     """``conv2d(pad(x, k // 2, padding_mode), weight, bias)`` of ``x`` ``[B, Cin, H, W]`` (any strides,
     e.g. a channel slice of a wider NHWC buffer) with ``weight`` ``[Cout, Cin, k, k]``, ``k`` odd:
-    ``[B, Cout, H, W]`` in channels_last (Triton). ``tf32`` lets fp32 products run in TF32."""
-    return _conv2d(x, weight, bias, padding_mode, tf32)
+    ``[B, Cout, H, W]`` in channels_last (Triton). ``tf32`` lets fp32 products run in TF32 (``None``:
+    as PyTorch's GEMMs, ``torch.backends.cuda.matmul.allow_tf32``)."""
+    return _conv2d(x, weight, bias, padding_mode, tf32_requested(tf32))
 
 
 def conv2d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding_mode: str = "reflect",
@@ -483,12 +484,12 @@ def conv2d_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, paddi
 
 
 def conv2d_into(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, *, padding_mode: str = "reflect",
-                tf32: bool = False) -> Tensor:
+                tf32: bool | None = None) -> Tensor:
     """:func:`conv2d` written into ``out`` ``[B, Cout, H, W]`` (any strides, e.g. the next channel slice
     of the buffer ``x`` is a slice of); returns ``out``. No gradient: the write is in place."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, out)):
         raise RuntimeError("conv2d_into writes in place and records no gradient; use conv2d where one is needed")
-    _conv2d_into(x, weight, bias, out, padding_mode, tf32)
+    _conv2d_into(x, weight, bias, out, padding_mode, tf32_requested(tf32))
     return out
 
 
@@ -498,14 +499,14 @@ def conv2d_into_torch(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
 
 
 def conv2d_pool_into(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tensor, full: Tensor | None = None, *,
-                     padding_mode: str = "reflect", tf32: bool = False) -> Tensor:
+                     padding_mode: str = "reflect", tf32: bool | None = None) -> Tensor:
     """:func:`conv2d` followed by a 2 x 2 max-pool, in one pass: the pooled map written into ``pooled``
     (e.g. the first channels of the next dense block's buffer; floored, as ``MaxPool2d(2)``) and, when
     given, the full-resolution output into ``full``; sides of 2 or more. Returns ``pooled``. No gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, pooled, full)):
         raise RuntimeError("conv2d_pool_into writes in place and records no gradient; use conv2d and a pool "
                            "where one is needed")
-    _conv2d_pool_into(x, weight, bias, pooled, full, padding_mode, tf32)
+    _conv2d_pool_into(x, weight, bias, pooled, full, padding_mode, tf32_requested(tf32))
     return pooled
 
 

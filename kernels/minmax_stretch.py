@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.functional import minmax_to_255 as minmax_to_255_torch  # noqa: F401  (the twin: the reference's own)
-from .compiler_options import COMPILER_OPTIONS
+from .compiler_options import COMPILER_OPTIONS, tf32_requested
 from .implicit_gemm_conv import PADDING_MODES, _check, _conv_tile, _new_output, conv2d_torch, conv_tiles
 from .registry import FusedOp
 
@@ -122,13 +122,13 @@ def minmax_to_255_fwd(x: Tensor) -> Tensor:
 
 def conv2d_minmax_to_255_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, *, padding_mode: str,
                              tf32: bool = False) -> Tensor:
-    """The stretch of ``implicit_gemm_conv.conv2d_fwd(x, weight, bias)``, ``[B, Cout, H, W]`` in
-    channels_last: the convolution with its per-tile minima and maxima (one launch), then the
-    stretch in place (one more)."""
+    """The stretch of ``implicit_gemm_conv.conv2d_fwd(x, weight, bias)``, ``[B, Cout, H, W]`` float32 in
+    channels_last whatever ``x``'s dtype: the convolution (accumulated in fp32) stored in fp32 with
+    its per-tile minima and maxima (one launch), then the stretch in place (one more)."""
     _check(x, weight, bias, padding_mode)
     batch, in_channels, height, width = x.shape
     out_channels, kernel = weight.shape[0], weight.shape[2]
-    y = _new_output(x, weight)
+    y = _float32_output(x, weight)
     tiles = conv_tiles(in_channels, out_channels, x.dtype)
     conv_blocks = triton.cdiv(height * width, tiles.block_m)
     low = torch.empty(batch * out_channels, conv_blocks, device=x.device, dtype=torch.float32)
@@ -158,8 +158,12 @@ def _conv2d_minmax_to_255_impl(x: Tensor, weight: Tensor, bias: Tensor | None, p
     return conv2d_minmax_to_255_fwd(x, weight, bias, padding_mode=padding_mode, tf32=tf32)
 
 
+def _float32_output(x: Tensor, weight: Tensor) -> Tensor:
+    return _new_output(x, weight).float()
+
+
 _conv2d_minmax_to_255 = FusedOp("conv2d_minmax_to_255", _conv2d_minmax_to_255_impl,
-                                lambda x, weight, bias, padding_mode, tf32: _new_output(x, weight))
+                                lambda x, weight, bias, padding_mode, tf32: _float32_output(x, weight))
 
 
 def minmax_to_255(x: Tensor) -> Tensor:
@@ -171,19 +175,21 @@ def minmax_to_255(x: Tensor) -> Tensor:
 
 
 def conv2d_minmax_to_255(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, padding_mode: str = "reflect",
-                         tf32: bool = False) -> Tensor:
+                         tf32: bool | None = None) -> Tensor:
     """``minmax_to_255(conv2d(x, weight, bias))`` with the statistics gathered in the convolution's
     epilogue: ``x`` ``[B, Cin, H, W]`` (any strides), ``weight`` ``[Cout, Cin, k, k]``, ``k`` odd;
-    ``[B, Cout, H, W]`` in channels_last (Triton). Each image gets the same bits as the two ops
-    applied to it alone (its tiles start at its first pixel). No gradient."""
+    ``[B, Cout, H, W]`` float32 in channels_last (Triton; 16-bit inputs too: the stretch to 0..255
+    needs more than 16 bits). Each image gets the same bits as the two ops applied to it alone (its
+    tiles start at its first pixel). No gradient."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise RuntimeError("conv2d_minmax_to_255 records no gradient; use conv2d_minmax_to_255_torch where one is "
                            "needed")
-    return _conv2d_minmax_to_255(x, weight, bias, padding_mode, tf32)
+    return _conv2d_minmax_to_255(x, weight, bias, padding_mode, tf32_requested(tf32))
 
 
 def conv2d_minmax_to_255_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
                                padding_mode: str = "reflect", tf32: bool = False) -> Tensor:
-    """PyTorch twin of :func:`conv2d_minmax_to_255`: ``implicit_gemm_conv.conv2d_torch`` then the
-    reference's stretch (differentiable)."""
-    return minmax_to_255_torch(conv2d_torch(x, weight, bias, padding_mode=padding_mode))
+    """PyTorch twin of :func:`conv2d_minmax_to_255`: ``implicit_gemm_conv.conv2d_torch``, in fp32 from
+    16 bits, then the reference's stretch (differentiable)."""
+    y = conv2d_torch(x, weight, bias, padding_mode=padding_mode)
+    return minmax_to_255_torch(y.float() if y.dtype in (torch.float16, torch.bfloat16) else y)

@@ -194,13 +194,21 @@ def deep_weighted_sum(fused: Tensor, ir: Tensor, vis: Tensor, scale: float) -> T
     return _deep_weighted_sum(fused, ir, vis, scale)
 
 
+def _widened(*maps: Tensor) -> list[Tensor]:
+    """16-bit maps in fp32 (the weighting's arithmetic), others as they are."""
+    return [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in maps]
+
+
 def deep_weighted_sum_torch(fused: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Tensor:
+    """The twin (16-bit maps computed in fp32, the result rounded once, as the kernel does)."""
+    dtype = fused.dtype
+    fused, ir, vis = _widened(fused, ir, vis)
     with torch.no_grad():
         g_ir = scale * box_mean_of_channel_sum(ir)
         g_vis = scale * box_mean_of_channel_sum(vis)
         total = g_ir + g_vis + 1e-6
         w_ir, w_vis = g_ir / total, g_vis / total
-    return fused + w_ir * ir + w_vis * vis
+    return (fused + w_ir * ir + w_vis * vis).to(dtype)
 
 
 def shallow_weighted_sum(y: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Tensor:
@@ -213,9 +221,10 @@ def shallow_weighted_sum(y: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Te
 
 def shallow_weighted_sum_torch(y: Tensor, ir: Tensor, vis: Tensor, scale: float) -> Tensor:
     """The twin, with gradients into the sources too (the weights without); ``y`` smaller than the
-    sources is size-adjusted first."""
+    sources is size-adjusted first; 16-bit maps computed in fp32, the result rounded once."""
     _check(y, ir, vis, deep=False)
-    y = size_adjust_torch(y, ir.shape[2], ir.shape[3])
+    dtype = y.dtype
+    y, ir, vis = _widened(size_adjust_torch(y, ir.shape[2], ir.shape[3]), ir, vis)
     sources_need_grad = torch.is_grad_enabled() and (ir.requires_grad or vis.requires_grad)
     with torch.no_grad():
         s_ir = torch.sub(ir, box_mean_of_channel_sum(ir), alpha=scale).abs_()
@@ -226,7 +235,7 @@ def shallow_weighted_sum_torch(y: Tensor, ir: Tensor, vis: Tensor, scale: float)
             skip = s_ir.mul_(ir).mul_(0.5).addcmul_(s_vis, vis).div_(total)
     if sources_need_grad:
         skip = 0.5 * (s_ir / total) * ir + (s_vis / total) * vis
-    return y + skip
+    return (y + skip).to(dtype)
 
 
 def box_mean_of_channel_sum(x: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compiler_options import COMPILER_OPTIONS
+from .compiler_options import COMPILER_OPTIONS, tf32_requested
 from .implicit_gemm_conv import ConvTiles, conv_tiles, gemm_over_channels, weight_gradient_split
 from .registry import FusedOp
 
@@ -275,11 +275,11 @@ _upsampled_conv = FusedOp("upsampled_conv", _upsampled_conv_impl, _upsampled_con
                           backward=_upsampled_conv_grads, setup_context=_upsampled_conv_setup)
 
 
-def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None = None, *, tf32: bool = False) -> Tensor:
+def upsampled_conv(x: Tensor, kernels: Tensor, bias: Tensor | None = None, *, tf32: bool | None = None) -> Tensor:
     """``conv2d(ReflPad(1)(Up2(x)), w, bias)`` from ``kernels = phase_kernels(w)``, in one launch,
     without the upsampled or padded map: ``[B, Cout, 2 H, 2 W]`` in channels_last (Triton), with
     gradients for ``x``, ``kernels`` (and through :func:`phase_kernels`, ``w``) and ``bias``."""
-    return _upsampled_conv(x, kernels, bias, tf32)
+    return _upsampled_conv(x, kernels, bias, tf32_requested(tf32))
 
 
 def upsampled_conv_torch(x: Tensor, kernels: Tensor, bias: Tensor | None = None, *, tf32: bool = False) -> Tensor:

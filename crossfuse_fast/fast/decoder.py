@@ -85,12 +85,15 @@ class FastFusionDecoder(nn.Module):
     def output(self, y: Tensor) -> Tensor:
         """``FusionDecoder.output`` with its BatchNorm folded in inference; on the Triton kernels
         (where the backend resolves to them) the stretch too when no gradient is recorded, with its
-        statistics gathered by the convolution in inference."""
+        statistics gathered by the convolution in inference. The stretch runs in fp32 and gives
+        fp32 from 16-bit maps."""
         on_triton = resolve_kernel_backend(self.kernel_backend, y) == "triton"
         folded = self.conv_last.inference_weights()
         if on_triton and folded is not None:
             return kernels.conv2d_minmax_to_255(y, *folded)
         y = self.conv_last(y)
+        if y.dtype in (torch.float16, torch.bfloat16):
+            y = y.float()  # the stretch to 0..255 in fp32 (crossfuse_fast.precision)
         if on_triton and not (torch.is_grad_enabled() and y.requires_grad):
             return kernels.minmax_to_255(y)
         return minmax_to_255(y)

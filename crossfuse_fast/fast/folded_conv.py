@@ -51,11 +51,16 @@ class FoldedConvLayer:
                                          norm.running_var), self._inference_weights)
 
     def _fold(self) -> tuple[Tensor, Tensor]:
+        """The folded weight and bias, in the convolution's dtype; computed in the wider of it and
+        the norm's (a 16-bit copy keeps its norms in fp32: crossfuse_fast.precision)."""
         conv, norm = self.layer.conv2d
+        wide = torch.promote_types(conv.weight.dtype, norm.weight.dtype)
         with torch.no_grad():
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            bias = -norm.running_mean if conv.bias is None else conv.bias - norm.running_mean
-            return conv.weight * scale.reshape(-1, 1, 1, 1), bias * scale + norm.bias
+            scale = norm.weight.to(wide) / torch.sqrt(norm.running_var.to(wide) + norm.eps)
+            mean = norm.running_mean.to(wide)
+            bias = -mean if conv.bias is None else conv.bias.to(wide) - mean
+            weight = conv.weight.to(wide) * scale.reshape(-1, 1, 1, 1)
+            return weight.to(conv.weight.dtype), (bias * scale + norm.bias.to(wide)).to(conv.weight.dtype)
 
     def _inference_weights(self) -> tuple[Tensor, Tensor]:
         weight, bias = self._fold()
