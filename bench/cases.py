@@ -108,6 +108,16 @@ def _fast_providers(make: Callable[[str, bool | None], Callable], on_gpu: bool) 
     return {"fast-torch": make("torch", None), "fast-torch-nchw": make("torch", False)}
 
 
+def _precision_providers(model: CrossFuse, wanted: bool) -> dict[str, Callable]:
+    """``fuse(..., precision=p)`` on the fp32 model (``api-tf32``, ``api-bf16``, ``api-fp16``; on a
+    GPU, where a repeated shape replays its CUDA graph, as for ``api``): the precisions as users
+    ask for them, beside the fp32 providers of the same run."""
+    if not wanted:
+        return {}
+    return {f"api-{precision}": (lambda ir, vis, precision=precision: fuse(ir, vis, model=model, precision=precision))
+            for precision in ("tf32", "bf16", "fp16")}
+
+
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
@@ -147,7 +157,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
         return {name: fn for name, fn in candidates.items() if name in providers}
 
     for height, width, tag in ((256, 256, "256x256"), (480, 640, "480x640"), (1024, 1280, "1024x1280")):
-        for batch in (1, 8):
+        for batch in (1, 8, 32) if on_gpu and tag == "480x640" else (1, 8):
             make = _images(batch, height, width, device, dtype)
             shapes = [torch.empty(batch, 1, height, width, device="meta", dtype=dtype)] * 2
             count = count_forward(meta, lambda: meta(*shapes))
@@ -158,6 +168,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, providers: list[str]) 
                 providers=keep({"eager": _inference(model), "compile": _inference(_compiled(model)),
                                 "released": _inference(lambda ir, vis: released_style_fuse(model, ir, vis)),
                                 "api": lambda ir, vis: fuse(ir, vis, model=model),
+                                **_precision_providers(model, on_gpu and dtype == torch.float32),
                                 **_fast_providers(lambda backend, layout: _inference(
                                     FastCrossFuse(model, backend, layout)), on_gpu)}),
                 quick=batch == 1 and height <= 480, notes=f"{windows} windows"))

@@ -8,11 +8,12 @@ spent in one call (the device tool's ``run``, from the repository root)::
     python -m bench.device --dry-run --out /tmp/dry                    # here, on a CPU: the same steps, tiny
 
 Steps, in this order, each with its own time limit so that one that overruns costs only itself:
-the kernel and fast-path tests on real compiled kernels (16-bit parity, ``torch.compile`` on CUDA;
-the sm_90 compile inspector is left to CI, which runs it on every commit); the fast path end to
-end, the encoder and the fusion decoder against the reference, ``torch.compile`` of it and cuDNN
-in channels_last, fp32 then bf16; both training steps; the attention and the cross encoder where
-launches dominate. The whole stays within ``--budget`` seconds (a step is skipped when less than
+the kernel and fast-path tests on real compiled kernels (16-bit parity, ``torch.compile`` on CUDA,
+the precisions' error bounds, real CUDA graphs; the sm_90 compile inspector is left to CI, which
+runs it on every commit); the fast path end to end at batch 1 and 32 (``fuse`` itself, CUDA graphs
+on repeated shapes, in each precision), the encoder and the fusion decoder, against the reference
+eager and under ``torch.compile``; both training steps; bf16 throughout; the attention and the
+cross encoder where launches dominate. The whole stays within ``--budget`` seconds (a step is skipped when less than
 its limit is left). Into ``--out`` go five files (the device tool brings back eight at most):
 ``device.log`` (every step's output), ``results.jsonl`` (the harness's rows), ``RESULTS.md`` (their
 report), its plot, and ``summary.json`` (each step's status and seconds).
@@ -58,18 +59,19 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
                                "tests/kernels/test_registry.py"), 120),
                 Step("inference fp32", _bench(out, **tiny), 60),
                 Step("training fp32", _bench(out, **tiny), 60)]
-    inference = "^(fuse 480x640 b1|encoder 480x640 b1|fusion decoder 480x640 b1)$"
+    inference = "^(fuse 480x640 b(1|32)|encoder 480x640 b1|fusion decoder 480x640 b1)$"
     return [
         Step("tests", ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels", "tests/fast",
-                       "--ignore=tests/kernels/test_compile_inspector.py"), 200),
-        Step("inference fp32", _bench(out, inference, "eager,compile,fast-triton,fast-torch-nhwc", "float32", "cuda",
-                                      "full", 10), 150),
+                       "tests/test_precision.py", "tests/test_cuda_graphs.py",
+                       "--ignore=tests/kernels/test_compile_inspector.py"), 170),
+        Step("inference fp32", _bench(out, inference, "eager,compile,fast-triton,api,api-tf32,api-bf16,api-fp16",
+                                      "float32", "cuda", "full", 10), 180),
         Step("training fp32", _bench(out, "^train stage (1|2) ", "eager,fast-triton,fast-torch-nhwc", "float32",
-                                     "cuda", "full", 10), 90),
-        Step("inference bf16", _bench(out, inference, "eager,fast-triton,fast-torch-nhwc", "bfloat16", "cuda", "full",
-                                      10), 90),
+                                     "cuda", "full", 10), 80),
+        Step("inference bf16", _bench(out, "^fuse 480x640 b1$", "eager,compile,fast-triton", "bfloat16", "cuda",
+                                      "full", 10), 50),
         Step("launch-bound", _bench(out, "^(attention|cross encoder) w(6|48)$", "eager,sdpa,triton,fast-triton",
-                                    "float32,bfloat16", "cuda", "full", 10), 90),
+                                    "float32,bfloat16", "cuda", "full", 10), 50),
     ]
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.device", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for the run's files")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on a CPU, tiny (Triton's interpreter)")
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds the steps may take in all (480)")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds the steps may take in all (540)")
     parser.add_argument("--commit", default="unknown", help="the commit the tree is at (the GPU machine has no .git)")
     parser.add_argument("--append", type=Path, metavar="FOLDER",
                         help="append a run's results.jsonl from FOLDER to bench/results.jsonl and regenerate the report")

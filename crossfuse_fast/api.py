@@ -14,6 +14,7 @@ import torch
 
 from . import tiling
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_crossfuse, resolve_backend
+from .cuda_graphs import graphed
 from .model import CrossFuse
 from .precision import DEFAULT_PRECISION, SIXTEEN_BITS, check_precision, model_in, tf32_allowed
 
@@ -73,6 +74,9 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     in training mode keeps its mode and statistics (:func:`eval_view`). Mismatched sizes, wrong
     dtypes or shapes, NaN or infinite values, tensors beyond 0..255 (by more than one level) and
     images under 8 x 8 raise ``ValueError`` naming the problem.
+
+    On a GPU the fast network is replayed from a CUDA graph for a shape it has fused before
+    (:mod:`crossfuse_fast.cuda_graphs`: folders of one size, video frames), never on a CPU.
 
     ``precision`` (:mod:`crossfuse_fast.precision`): ``"fp32"`` (default), ``"tf32"`` (TF32 products
     on a GPU; fp32 on a CPU), ``"bf16"`` or ``"fp16"`` (the fast path on 16-bit weights and maps with
@@ -152,13 +156,15 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     parameter = next(model.parameters())
     with torch.inference_mode(), tf32_allowed(precision):
         network = fast_crossfuse(model) if backend == "fast" else model
+        # On a GPU a shape seen before replays a CUDA graph of the fast network (crossfuse_fast.cuda_graphs).
+        run = graphed(network) if backend == "fast" and parameter.device.type == "cuda" else network
         ir, vis = ir.to(parameter), vis.to(parameter)
         # A CPU runs the full-resolution convolutions of a batch slower than its images one
         # by one (bench/RESULTS.md, "fuse ... b8").
         chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
         in_tiles = tiling.needs_tiles(*ir.shape[-2:], tile)
         fused = torch.cat([tiling.fuse_in_tiles(network, ir[start:start + chunk], vis[start:start + chunk], tile)
-                           if in_tiles else network(ir[start:start + chunk], vis[start:start + chunk])
+                           if in_tiles else run(ir[start:start + chunk], vis[start:start + chunk])
                            for start in range(0, ir.shape[0], chunk)])
     return fused.to(device=device, dtype=torch.float32 if precision in SIXTEEN_BITS else fused.dtype)
 
