@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
 from crossfuse_fast import CrossFuse, fuse

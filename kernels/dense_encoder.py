@@ -106,7 +106,8 @@ def _check(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> None:
     for block in _blocks(weights):
         for weight in block[:-1]:
             if weight.shape[1] != channels:
-                raise ValueError(f"a dense layer must read the {channels} channels before it, got {tuple(weight.shape)}")
+                raise ValueError(f"a dense layer must read the {channels} channels before it, "
+                                 f"got {tuple(weight.shape)}")
             channels += weight.shape[0]
         if block[-1].shape[1] != channels:
             raise ValueError(f"an adjust convolution must read the block's {channels} channels, "
@@ -117,9 +118,11 @@ def _check(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> None:
                          f"{2 ** (1 + len(_blocks(weights)))} pixels or more, got {x.shape[2]} x {x.shape[3]}")
 
 
-def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf32: bool = False) -> list[Tensor]:
+def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf32: bool = False,
+                      keep: bool = True) -> list[Tensor]:
     """``[shallow, deep, buffer, full, buffer, full, ...]``: the encoder's outputs, then per dense block
-    its buffer and its adjust convolution's full map (what the backward reads)."""
+    its buffer and its adjust convolution's full map (what the backward reads); without ``keep``
+    (inference) the outputs alone, and the full maps are not written."""
     _check(x, weights, biases)
     height, width = x.shape[2] // 2, x.shape[3] // 2
     shallow = _nhwc(x, weights[0].shape[0], *x.shape[2:])
@@ -136,13 +139,13 @@ def dense_encoder_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf
                        padding_mode="reflect", tf32=tf32)
             filled += weight.shape[0]
         layer += LAYERS_PER_BLOCK
-        full = _nhwc(x, block[-1].shape[0], height, width)
+        full = _nhwc(x, block[-1].shape[0], height, width) if keep else None
         saved += [buffer, full]
         source = buffer
         height, width = height // 2, width // 2
     deep = _nhwc(x, weights[-1].shape[0], height, width)
     conv2d_pool_fwd(source, weights[layer], biases[layer], deep, full, padding_mode="reflect", tf32=tf32)
-    return [shallow, deep, *saved]
+    return [shallow, deep, *saved] if keep else [shallow, deep]
 
 
 def dense_encoder_bwd(grad_shallow: Tensor, grad_deep: Tensor, x: Tensor, weights: list[Tensor],
@@ -175,18 +178,19 @@ def dense_encoder_bwd(grad_shallow: Tensor, grad_deep: Tensor, x: Tensor, weight
 
 # ---- registered ops ----------------------------------------------------------------------------
 
-def _dense_encoder_impl(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf32: bool) -> list[Tensor]:
-    return dense_encoder_fwd(x, weights, biases, tf32)
+def _dense_encoder_impl(x: Tensor, weights: list[Tensor], biases: list[Tensor], tf32: bool,
+                        keep: bool) -> list[Tensor]:
+    return dense_encoder_fwd(x, weights, biases, tf32, keep)
 
 
-def _dense_encoder_fake(x, weights, biases, tf32):
+def _dense_encoder_fake(x, weights, biases, tf32, keep):
     height, width = x.shape[2], x.shape[3]
     outputs = [_nhwc(x, weights[0].shape[0], height, width)]
     saved = []
     for block in _blocks(weights):
         height, width = height // 2, width // 2
         saved += [_nhwc(x, block[-1].shape[1], height, width), _nhwc(x, block[-1].shape[0], height, width)]
-    return outputs + [_nhwc(x, weights[-1].shape[0], height // 2, width // 2)] + saved
+    return outputs + [_nhwc(x, weights[-1].shape[0], height // 2, width // 2)] + (saved if keep else [])
 
 
 def _dense_encoder_backward_impl(grad_shallow: Tensor, grad_deep: Tensor, x: Tensor, weights: list[Tensor],
@@ -204,7 +208,7 @@ _dense_encoder_backward = FusedOp("dense_encoder_backward", _dense_encoder_backw
 
 
 def _dense_encoder_setup(ctx, inputs, output):
-    x, weights, _, ctx.tf32 = inputs
+    x, weights, _, ctx.tf32, _ = inputs
     ctx.save_for_backward(x, *weights, *output[:1], *output[2:])
     ctx.layers = len(weights)
 
@@ -218,7 +222,7 @@ def _dense_encoder_grads(ctx, grads):
         grad_deep = x.new_zeros(saved[0].shape[0], weights[-1].shape[0], *[s // 2 for s in saved[-1].shape[2:]])
     needs_x = ctx.needs_input_grad[0]
     result = _dense_encoder_backward.op(grad_shallow, grad_deep, x, list(weights), list(saved), needs_x, ctx.tf32)
-    return result[0] if needs_x else None, result[1:1 + ctx.layers], result[1 + ctx.layers:], None
+    return result[0] if needs_x else None, result[1:1 + ctx.layers], result[1 + ctx.layers:], None, None
 
 
 _dense_encoder = FusedOp("dense_encoder", _dense_encoder_impl, _dense_encoder_fake, backward=_dense_encoder_grads,
@@ -231,8 +235,10 @@ def dense_encoder(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     then per dense block three dense layers and an adjust convolution (four weights each), every
     convolution reflection-padded by one and each followed where the model pools by a 2 x 2
     max-pool, in one buffer per block (see the module's note); channels_last (Triton), with
-    gradients for ``x``, every weight and every bias. ``tf32`` as in :func:`.implicit_gemm_conv.conv2d`."""
-    shallow, deep, *_ = _dense_encoder(x, list(weights), list(biases), tf32_requested(tf32))
+    gradients for ``x``, every weight and every bias (the full maps the backward needs are kept only
+    then). ``tf32`` as in :func:`.implicit_gemm_conv.conv2d`."""
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases))
+    shallow, deep, *_ = _dense_encoder(x, list(weights), list(biases), tf32_requested(tf32), keep)
     return shallow, deep
 
 

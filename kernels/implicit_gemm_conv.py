@@ -328,7 +328,8 @@ def conv2d_pool_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, pooled: Tens
     precision = ("tf32" if tf32 else "ieee") if x.dtype == torch.float32 else "tf32"
     _conv2d_pool_fwd_kernel[(triton.cdiv(4 * quads, tiles.block_m), triton.cdiv(out_channels, tiles.block_n))](
         x, weight, pooled if bias is None else bias, pooled if full is None else full, pooled, quads, quad_rows,
-        quad_columns, height, width, in_channels, out_channels, *x.stride(), *weight.stride(), *(pooled if full is None else full).stride(),
+        quad_columns, height, width, in_channels, out_channels, *x.stride(), *weight.stride(),
+        *(pooled if full is None else full).stride(),
         *pooled.stride(), KERNEL=kernel, PADDING=PADDING_MODES.index(padding_mode), HAS_BIAS=bias is not None,
         STORE_FULL=full is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages, **COMPILER_OPTIONS)

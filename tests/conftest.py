@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+# Dynamo records torch's functions when it is first imported; imported later, under a test that
+# replaces torch.empty_like (poisoned_allocations), it would refuse the real one ever after.
+import torch._dynamo  # noqa: F401
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which is chosen when the
 # kernels are defined: set it before anything imports crossfuse_fast.kernels.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import weights
 
-from crossfuse_fast import CrossFuse, fuse
+from crossfuse_fast import fuse
 from crossfuse_fast.synthetic import synthetic_pair
 from crossfuse_fast.video import fuse_video
 

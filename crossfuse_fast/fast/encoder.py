@@ -36,53 +36,10 @@ def _dense_layers(block: DenseBlock) -> tuple[ConvLayer, ConvLayer, ConvLayer]:
 
 def dense_block_on_kernels(block: DenseBlock, x: Tensor) -> Tensor:
     """``block(x)`` on the Triton convolutions (padding by address), each 64-channel piece
-    concatenated: the path that records gradients."""
+    concatenated: for encoders of another layout than the released one (:func:`chains_pools`)."""
     for layer in _dense_layers(block):
         x = torch.cat([x, _conv(layer, x)], dim=1)
     return _conv(block.adjust_conv, x)
-
-
-def _fill_dense_buffer(block: DenseBlock, buffer: Tensor) -> Tensor:
-    """Run the block's three dense layers in ``buffer`` (its input in the first channels): each reads
-    the channels so far and writes the next piece after them. Returns ``buffer``."""
-    filled = _dense_layers(block)[0].conv2d[0].in_channels
-    for layer in _dense_layers(block):
-        conv = layer.conv2d[0]
-        kernels.conv2d_into(buffer[:, :filled], conv.weight, conv.bias, buffer[:, filled:filled + conv.out_channels])
-        filled += conv.out_channels
-    return buffer
-
-
-def _conv_then_pool(layer: ConvLayer, x: Tensor, pooled: Tensor, full: Tensor | None) -> None:
-    """``pooled = MaxPool2d(2)(layer(x))`` (and ``full = layer(x)`` when given), in one pass."""
-    conv = layer.conv2d[0]
-    kernels.conv2d_pool_into(x, conv.weight, conv.bias, pooled, full)
-
-
-def _nhwc(batch: int, channels: int, height: int, width: int, like: Tensor) -> Tensor:
-    return torch.empty(batch, channels, height, width, device=like.device, dtype=like.dtype,
-                       memory_format=torch.channels_last)
-
-
-def encode_in_buffers(encoder: Encoder, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``encoder(x)`` in inference on the Triton convolutions: each dense block in one NHWC buffer,
-    and every convolution before a 2 x 2 max-pool (the first, and each block's ``adjust_conv``)
-    writing its pooled map straight into the next block's buffer (the first also its
-    full-resolution shallow map); no ``cat``, no pad, no pooled copy, at any size. Needs the released layout:
-    ``pool``, then dense blocks each followed by a 2 x 2 max-pool (:func:`chains_pools`)."""
-    batch, _, height, width = x.shape
-    shallow = _nhwc(batch, encoder.conv1.conv2d[0].out_channels, height, width, x)
-    layer, source, full = encoder.conv1, x, shallow
-    for block in encoder.dense_blocks[0::2]:
-        height, width = height // 2, width // 2
-        channels = _dense_layers(block)[0].conv2d[0].in_channels
-        grown = channels + sum(layer_.conv2d[0].out_channels for layer_ in _dense_layers(block))
-        buffer = _nhwc(batch, grown, height, width, x)
-        _conv_then_pool(layer, source, buffer[:, :channels], full)
-        layer, source, full = block.adjust_conv, _fill_dense_buffer(block, buffer), None
-    deep = _nhwc(batch, layer.conv2d[0].out_channels, height // 2, width // 2, x)
-    _conv_then_pool(layer, source, deep, None)
-    return shallow, deep
 
 
 def _is_pool2(module: nn.Module) -> bool:
@@ -92,7 +49,7 @@ def _is_pool2(module: nn.Module) -> bool:
 
 
 def chains_pools(encoder: Encoder) -> bool:
-    """Whether ``encoder`` has the released layout that :func:`encode_in_buffers` runs: a 2 x 2 max-pool
+    """Whether ``encoder`` has the released layout that ``kernels.dense_encoder`` runs: a 2 x 2 max-pool
     after the first convolution, and dense blocks each followed by one."""
     layers = list(encoder.dense_blocks)
     return (_is_pool2(encoder.pool) and len(layers) % 2 == 0 and all(isinstance(m, DenseBlock) for m in layers[0::2])
@@ -107,11 +64,12 @@ class FastAutoEncoder(nn.Module):
     map after follows them: PyTorch keeps each convolution, pad, pool and concat in the layout of
     its input, through the fusion network too. Where ``kernel_backend`` resolves to ``"triton"``
     (a GPU under ``"auto"``) the encoder's convolutions run on the Triton kernels instead, on NHWC
-    maps: each dense block in one buffer and each pool in its convolution's epilogue, in inference
-    (:func:`encode_in_buffers`) and with gradients (:func:`crossfuse_fast.kernels.dense_encoder`, whose
-    backward accumulates in the buffers too); the same function up to rounding. An encoder of
-    another layout than the released one runs its pieces concatenated (:func:`dense_block_on_kernels`). Raises ``ValueError`` for
-    dense blocks whose convolutions do not all pad by one pixel (the released 3 x 3 ones do).
+    maps: each dense block in one buffer and each pool in its convolution's epilogue
+    (:func:`crossfuse_fast.kernels.dense_encoder`, in inference and with gradients, its backward
+    accumulating in the buffers too); the same function up to rounding. An encoder of
+    another layout than the released one runs its pieces concatenated
+    (:func:`dense_block_on_kernels`). Raises ``ValueError`` for dense blocks whose convolutions do
+    not all pad by one pixel (the released 3 x 3 ones do).
     """
 
     def __init__(self, reference: AutoEncoder, channels_last: bool | None = None,
@@ -134,11 +92,7 @@ class FastAutoEncoder(nn.Module):
         encoder = self.reference.fea_encoder1
         if resolve_kernel_backend(self.kernel_backend, images) == "triton":
             x = image_layout(images, True) / 255.0
-            recording = torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in encoder.parameters()))
             if chains_pools(encoder):
-                if not recording:
-                    return encode_in_buffers(encoder, x)
                 layers = [encoder.conv1] + [layer for block in encoder.dense_blocks[0::2]
                                             for layer in (*_dense_layers(block), block.adjust_conv)]
                 return kernels.dense_encoder(x, [layer.conv2d[0].weight for layer in layers],

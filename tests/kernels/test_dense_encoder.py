@@ -80,4 +80,4 @@ def test_names_bad_layouts():
 def test_opcheck():
     weights, biases = _small_encoder(torch.float32, 2, channels=(1, 2, 2, 3))
     x = torch.rand(1, 1, 8, 9, device=DEVICE).requires_grad_()
-    torch.library.opcheck(torch.ops.crossfuse.dense_encoder, (x, weights, biases, False))
+    torch.library.opcheck(torch.ops.crossfuse.dense_encoder, (x, weights, biases, False, True))
