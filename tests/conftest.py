@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-# Dynamo records torch's functions when it is first imported; imported later, under a test that
-# replaces torch.empty_like (poisoned_allocations), it would refuse the real one ever after.
-import torch._dynamo  # noqa: F401
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which is chosen when the
 # kernels are defined: set it before anything imports crossfuse_fast.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Dynamo records torch's functions when it is first imported; imported later, under a test that
+# replaces torch.empty_like (poisoned_allocations), it would refuse the real one ever after. After
+# TRITON_INTERPRET: it imports Triton, which reads that variable.
+import torch._dynamo  # noqa: E402, F401
 
 from crossfuse_fast import CrossFuse
 from crossfuse_fast.synthetic import randomize_batch_norms
