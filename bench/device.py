@@ -62,16 +62,18 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     inference = "^(fuse 480x640 b(1|32)|encoder 480x640 b1|fusion decoder 480x640 b1)$"
     return [
         Step("tests", ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels", "tests/fast",
-                       "tests/test_precision.py", "tests/test_cuda_graphs.py",
-                       "--ignore=tests/kernels/test_compile_inspector.py"), 170),
+                       "--ignore=tests/kernels/test_compile_inspector.py", "--ignore=tests/fast/test_compile.py"),
+             150),
+        Step("gpu features", ("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_precision.py",
+                              "tests/test_cuda_graphs.py", "tests/fast/test_compile.py"), 80),
         Step("inference fp32", _bench(out, inference, "eager,compile,fast-triton,api,api-tf32,api-bf16,api-fp16",
-                                      "float32", "cuda", "full", 10), 180),
+                                      "float32", "cuda", "full", 10), 170),
         Step("training fp32", _bench(out, "^train stage (1|2) ", "eager,fast-triton,fast-torch-nhwc", "float32",
-                                     "cuda", "full", 10), 80),
+                                     "cuda", "full", 10), 60),
         Step("inference bf16", _bench(out, "^fuse 480x640 b1$", "eager,compile,fast-triton", "bfloat16", "cuda",
-                                      "full", 10), 50),
+                                      "full", 10), 40),
         Step("launch-bound", _bench(out, "^(attention|cross encoder) w(6|48)$", "eager,sdpa,triton,fast-triton",
-                                    "float32,bfloat16", "cuda", "full", 10), 50),
+                                    "float32,bfloat16", "cuda", "full", 10), 40),
     ]
 
 

@@ -33,10 +33,11 @@ def test_dry_run_runs_every_step_and_writes_what_comes_back(tmp_path):
 
 
 def test_the_gpu_plan_puts_tests_first_and_fits_a_device_call(tmp_path):
-    """The GPU run's order and limits: the tests first, every step's limit inside one device call
-    (600 s), the first three together inside the default budget."""
+    """The GPU run's order and limits: the tests first, then the GPU features' tests, every step
+    inside one device call (600 s) and the default budget (540 s)."""
     plan = steps(tmp_path, dry_run=False)
-    assert plan[0].name == "tests" and plan[0].argv[:2] == ("-m", "pytest")
+    assert [step.name for step in plan[:2]] == ["tests", "gpu features"]
+    assert all(step.argv[:2] == ("-m", "pytest") for step in plan[:2])
     assert all(step.argv[:2] == ("-m", "bench") and "--device" in step.argv and
-               step.argv[step.argv.index("--device") + 1] == "cuda" for step in plan[1:])
-    assert sum(step.limit_s for step in plan[:3]) <= 480 < 600
+               step.argv[step.argv.index("--device") + 1] == "cuda" for step in plan[2:])
+    assert sum(step.limit_s for step in plan[:3]) <= 480 and sum(step.limit_s for step in plan) <= 540 < 600
