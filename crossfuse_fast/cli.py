@@ -26,7 +26,7 @@ from .evaluation import FORMATS
 from .files import write_image, write_text
 from .metrics import CONVENTIONS, METRICS
 from .pairing import IMAGE_SUFFIXES, pair_folders, read_pairs_csv
-from .precision import DEFAULT_PRECISION, PRECISIONS
+from .precision import DEFAULT_PRECISION, PRECISIONS, SIXTEEN_BITS
 from .reference import AutoEncoder
 from .resume import Interrupted
 from .tiling import DEEP_STEP, DEFAULT_TILE
@@ -142,6 +142,11 @@ def _backend(args: argparse.Namespace) -> str:
         print(f"crossfuse {args.command}: {NO_TRITON_NOTICE}", file=sys.stderr)
     if backend == "fast":
         require_fast()
+    if backend == "reference" and getattr(args, "precision", DEFAULT_PRECISION) in SIXTEEN_BITS:
+        why = ("the reference model runs here (Triton is not installed)" if args.backend == "auto"
+               else "the reference model is the fp32 oracle")
+        raise ValueError(f"--precision {args.precision} runs on the fast path, and {why}; use --precision fp32 "
+                         "or tf32, or --backend fast")
     return backend
 
 

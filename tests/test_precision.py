@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import weights
 from utils import GPU, LaunchRecorder
 
 from crossfuse_fast import fuse, kernels
+from crossfuse_fast.cli import main
 from crossfuse_fast.kernels import implicit_gemm_conv
 from crossfuse_fast.precision import PRECISIONS, model_in, sixteen_bit_copy, tf32_allowed
 from crossfuse_fast.reference.fusion import SourceWeights
@@ -72,8 +74,8 @@ def test_the_sixteen_bit_copy(model):
     is made once and made again after a weight changes."""
     copied = sixteen_bit_copy(model, torch.bfloat16)
     fp32_modules = {id(m) for m in copied.modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    for weights in (m for m in copied.modules() if isinstance(m, SourceWeights)):
-        fp32_modules.update(id(m) for m in weights.modules())
+    for box_filters in (m for m in copied.modules() if isinstance(m, SourceWeights)):
+        fp32_modules.update(id(m) for m in box_filters.modules())
     for module in copied.modules():
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor.is_floating_point():
@@ -101,6 +103,19 @@ def test_names_bad_precisions(model):
         fuse(ir, vis, model=model, precision="fp8")
     with pytest.raises(ValueError, match="precision 'bf16' runs on the fast path"):
         fuse(ir, vis, model=model, backend="reference", precision="bf16")
+
+
+def test_the_command_refuses_sixteen_bits_on_the_reference_before_any_work(trained, tmp_path, capsys):
+    pairs = trained / "pairs"
+    args = ["fuse", "--ir", str(pairs / "ir"), "--vis", str(pairs / "vis"), "--out", str(tmp_path / "out"),
+            "--precision", "bf16", "--backend", "reference", *weights(trained)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--precision bf16 runs on the fast path" in error
+    assert not (tmp_path / "out").exists()
+    args[args.index("bf16")] = "fp16"
+    args[args.index("reference")] = "fast"
+    assert main(args) == 0 and len(list((tmp_path / "out").iterdir())) == 2
 
 
 @GPU
