@@ -6,7 +6,8 @@
 For each precision the fast path's fused images (float, before rounding) are compared with the
 reference model's in fp32 over every pixel of every pair: the largest and the mean absolute
 difference in grey levels, the share of pixels within one level, and the PSNR (peak 255) of the
-difference. Prints a Markdown table that says the machine, the date, the pairs and the command.
+difference, and how many pairs a 16-bit call fused in fp32 instead (their deep weighting too
+ill-conditioned). Prints a Markdown table that says the machine, the date, the pairs and the command.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -24,7 +26,7 @@ import torch
 from crossfuse_fast import CrossFuse, fuse
 from crossfuse_fast.api import luminance_pair
 from crossfuse_fast.pairing import pair_folders
-from crossfuse_fast.precision import PRECISIONS
+from crossfuse_fast.precision import PRECISIONS, SixteenBitFallback
 
 
 def _model(args: argparse.Namespace) -> CrossFuse:
@@ -36,9 +38,10 @@ def _model(args: argparse.Namespace) -> CrossFuse:
 
 def measure(model: CrossFuse, pairs: list[tuple[Path, Path]], device: torch.device,
             precisions=PRECISIONS) -> dict[str, dict[str, float]]:
-    """``precision -> {"max", "mean", "within_one", "psnr", "seconds"}`` over ``pairs``."""
+    """``precision -> {"max", "mean", "within_one", "psnr", "seconds", "fallbacks"}`` over ``pairs``
+    (``fallbacks``: the pairs a 16-bit call fused again in fp32)."""
     model = model.to(device).eval()
-    totals = {p: {"max": 0.0, "sum": 0.0, "within": 0, "squares": 0.0, "pixels": 0, "seconds": 0.0}
+    totals = {p: {"max": 0.0, "sum": 0.0, "within": 0, "squares": 0.0, "pixels": 0, "seconds": 0.0, "fallbacks": 0}
               for p in precisions}
     for ir_path, vis_path in pairs:
         ir, vis, _ = luminance_pair(cv2.imread(str(ir_path), cv2.IMREAD_UNCHANGED),
@@ -47,10 +50,13 @@ def measure(model: CrossFuse, pairs: list[tuple[Path, Path]], device: torch.devi
         reference = fuse(ir, vis, model=model, backend="reference").double()
         for precision in precisions:
             started = time.perf_counter()
-            got = fuse(ir, vis, model=model, backend="fast", precision=precision)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SixteenBitFallback)
+                got = fuse(ir, vis, model=model, backend="fast", precision=precision)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             total = totals[precision]
+            total["fallbacks"] += sum(len(w.message.images) for w in caught if w.category is SixteenBitFallback)
             total["seconds"] += time.perf_counter() - started
             difference = (got.double() - reference).abs()
             total["max"] = max(total["max"], difference.max().item())
@@ -64,7 +70,7 @@ def measure(model: CrossFuse, pairs: list[tuple[Path, Path]], device: torch.devi
         results[precision] = {"max": total["max"], "mean": total["sum"] / total["pixels"],
                               "within_one": total["within"] / total["pixels"],
                               "psnr": math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse),
-                              "seconds": total["seconds"]}
+                              "seconds": total["seconds"], "fallbacks": total["fallbacks"]}
     return results
 
 
@@ -72,12 +78,13 @@ def table(results: dict[str, dict[str, float]], *, pairs: int, device: torch.dev
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
     lines = [f"Against the fp32 reference, {pairs} pairs, {machine} ({device.type}), torch {torch.__version__}, "
              f"{datetime.date.today().isoformat()}: `{command}`", "",
-             "| precision | largest difference | mean difference | within one level | PSNR (dB) | seconds |",
-             "|---|---|---|---|---|---|"]
+             "| precision | largest difference | mean difference | within one level | PSNR (dB) | pairs fused in fp32 "
+             "instead | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for precision, row in results.items():
         psnr = "exact" if math.isinf(row["psnr"]) else f"{row['psnr']:.1f}"
         lines.append(f"| {precision} | {row['max']:.3g} | {row['mean']:.3g} | {100 * row['within_one']:.4g}% | "
-                     f"{psnr} | {row['seconds']:.1f} |")
+                     f"{psnr} | {row['fallbacks']} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

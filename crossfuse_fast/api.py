@@ -16,7 +16,8 @@ from . import tiling
 from .backends import DEFAULT_BACKEND, NO_TRITON_NOTICE, fast_crossfuse, resolve_backend
 from .cuda_graphs import graphed
 from .model import CrossFuse
-from .precision import DEFAULT_PRECISION, SIXTEEN_BITS, check_precision, model_in, tf32_allowed
+from .precision import (CONDITIONING_LIMIT, DEFAULT_PRECISION, SIXTEEN_BITS, SixteenBitFallback, check_precision,
+                        model_in, tf32_allowed)
 
 UINT16_SCALINGS = ("minmax", "full")
 DEFAULT_UINT16_SCALING = "minmax"
@@ -81,7 +82,10 @@ def fuse(ir, vis, *, model: CrossFuse | str | os.PathLike = RELEASED, backend: s
     ``precision`` (:mod:`crossfuse_fast.precision`): ``"fp32"`` (default), ``"tf32"`` (TF32 products
     on a GPU; fp32 on a CPU), ``"bf16"`` or ``"fp16"`` (the fast path on 16-bit weights and maps with
     fp32 accumulation, the decoder's weighting and the final stretch in fp32; a float32 result
-    whose error against fp32 the README gives; ``backend="reference"`` stays fp32 and refuses them).
+    whose error against fp32 the README gives; an image whose deep weighting is too ill-conditioned
+    for 16 bits is fused again in fp32, with a
+    :class:`~crossfuse_fast.precision.SixteenBitFallback` warning naming it;
+    ``backend="reference"`` stays fp32 and refuses them).
     """
     check_precision(precision)
     resolved = resolve_backend(backend)
@@ -151,22 +155,40 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     if ir.shape != vis.shape:
         raise ValueError(f"ir and vis differ in shape: {tuple(ir.shape)} and {tuple(vis.shape)}")
     device = ir.device
+    sixteen_bits = precision in SIXTEEN_BITS
     with torch.no_grad():  # not inference mode: the 16-bit copy keeps version counters for its cache
-        model = model_in(eval_view(model), precision)
+        full_precision = eval_view(model)
+        model = model_in(full_precision, precision)
     parameter = next(model.parameters())
     with torch.inference_mode(), tf32_allowed(precision):
         network = fast_crossfuse(model) if backend == "fast" else model
+        # 16 bits: each image's deep weighting conditioning comes with it (crossfuse_fast.precision).
+        method = "forward_with_conditioning" if sixteen_bits else "forward"
         # On a GPU a shape seen before replays a CUDA graph of the fast network (crossfuse_fast.cuda_graphs).
-        run = graphed(network) if backend == "fast" and parameter.device.type == "cuda" else network
-        ir, vis = ir.to(parameter), vis.to(parameter)
+        run = (graphed(network, method) if backend == "fast" and parameter.device.type == "cuda"
+               else getattr(network, method))
+        images = ir.to(parameter), vis.to(parameter)
         # A CPU runs the full-resolution convolutions of a batch slower than its images one
         # by one (bench/RESULTS.md, "fuse ... b8").
         chunk = 1 if parameter.device.type == "cpu" else ir.shape[0]
         in_tiles = tiling.needs_tiles(*ir.shape[-2:], tile)
-        fused = torch.cat([tiling.fuse_in_tiles(network, ir[start:start + chunk], vis[start:start + chunk], tile)
-                           if in_tiles else run(ir[start:start + chunk], vis[start:start + chunk])
-                           for start in range(0, ir.shape[0], chunk)])
-    return fused.to(device=device, dtype=torch.float32 if precision in SIXTEEN_BITS else fused.dtype)
+        parts = [tiling.fuse_in_tiles(network, *(x[start:start + chunk] for x in images), tile,
+                                      with_conditioning=sixteen_bits)
+                 if in_tiles else run(*(x[start:start + chunk] for x in images))
+                 for start in range(0, ir.shape[0], chunk)]
+    if not sixteen_bits:
+        return torch.cat(parts).to(device)
+    fused = torch.cat([part[0] for part in parts]).to(torch.float32, copy=True)
+    conditioning = torch.cat([part[1] for part in parts]).cpu()
+    redo = [index for index, value in enumerate(conditioning.tolist()) if value > CONDITIONING_LIMIT]
+    if redo:
+        fused[redo] = _fuse_tensors(ir[redo], vis[redo], full_precision, backend, tile).to(fused)
+        values = [conditioning[index].item() for index in redo]
+        warnings.warn(SixteenBitFallback(
+            f"{len(redo)} of {ir.shape[0]} images fused in fp32 instead of {precision}: their deep weighting is too "
+            f"ill-conditioned for 16 bits (conditioning up to {max(values):.3g}, limit {CONDITIONING_LIMIT:g}; "
+            "README, Precision)", redo, values), stacklevel=3)
+    return fused.to(device)
 
 
 def eval_view(model: CrossFuse) -> CrossFuse:

@@ -9,6 +9,7 @@ pair by pair, so only the pair at fault fails.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .api import DEFAULT_UINT16_SCALING, fuse, luminance_pair, to_image
+from .precision import SixteenBitFallback
 
 _NOTHING = torch.empty(0)
 
@@ -61,11 +63,13 @@ def _one_line(error: Exception) -> str:
 
 @dataclass
 class Fused:
-    """One pair's outcome: its index in the jobs, the fused uint8 image or the reason it failed."""
+    """One pair's outcome: its index in the jobs, the fused uint8 image or the reason it failed, and
+    a note (a 16-bit call that fused it in fp32 instead says so)."""
 
     index: int
     image: np.ndarray | None
     error: str = ""
+    note: str = ""
 
 
 def fuse_files(jobs: list[tuple], fuse_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
@@ -94,10 +98,13 @@ def fuse_files(jobs: list[tuple], fuse_batch: Callable[[torch.Tensor, torch.Tens
 def _fused(group: list[dict], fuse_batch: Callable, device: torch.device) -> Iterator[Fused]:
     if not group:
         return
+    notes = [""] * len(group)
     try:
         ir = torch.stack([item["ir"].to(device, non_blocking=True) for item in group])
         vis = torch.stack([item["vis"].to(device, non_blocking=True) for item in group])
-        fused = fuse_batch(ir, vis)[:, 0].float().cpu().numpy()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SixteenBitFallback)
+            fused = fuse_batch(ir, vis)[:, 0].float().cpu().numpy()
     except ValueError as error:
         if len(group) == 1:
             yield Fused(group[0]["index"], None, _one_line(error))
@@ -105,9 +112,16 @@ def _fused(group: list[dict], fuse_batch: Callable, device: torch.device) -> Ite
         for item in group:
             yield from _fused([item], fuse_batch, device)
         return
-    for item, luma in zip(group, fused):
+    for warning in caught:
+        if issubclass(warning.category, SixteenBitFallback):
+            for image, value in zip(warning.message.images, warning.message.conditioning):
+                notes[image] = (f"fused in fp32: its deep weighting is too ill-conditioned for 16 bits "
+                                f"(conditioning {value:.3g})")
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for item, luma, note in zip(group, fused, notes):
         ycrcb = item["ycrcb"].numpy() if item["ycrcb"].numel() else None
-        yield Fused(item["index"], to_image(luma, ycrcb))
+        yield Fused(item["index"], to_image(luma, ycrcb), note=note)
 
 
 def fuse_batch_with(model, **options) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -11,6 +11,7 @@ import argparse
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -282,6 +283,8 @@ def _command_fuse(args: argparse.Namespace) -> int:
                     if result.image is None:
                         raise ValueError(result.error)
                     write_image(out, result.image, overwrite=True)
+                    if result.note:
+                        print(f"crossfuse fuse: {ir_path}, {vis_path}: {result.note}", file=sys.stderr)
                 except (ValueError, OSError, cv2.error) as error:
                     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                     failures.append(f"{ir_path}, {vis_path}: {reason}")
@@ -598,7 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM as an orderly exit, so the temporary files of the writes under way are removed.
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return args.run(args) or 0
+        with warnings.catch_warnings():
+            # Warnings (a 16-bit call fused in fp32, say) as one line, like everything else.
+            warnings.showwarning = lambda message, *rest, **options: print(f"crossfuse {args.command}: {message}",
+                                                                            file=sys.stderr)
+            return args.run(args) or 0
     except (ValueError, OSError) as error:
         print(f"crossfuse {args.command}: {error}", file=sys.stderr)
         return 2

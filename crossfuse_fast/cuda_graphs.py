@@ -29,12 +29,17 @@ import torch
 from torch import Tensor, nn
 
 DEFAULT_MAX_GRAPHS = 2
+Outputs = Tensor | tuple[Tensor, ...]
 
 
-def _capture(function: Callable[..., Tensor], *inputs: Tensor) -> tuple[Callable[[], None], Tensor]:
+def _cloned(outputs: Outputs) -> Outputs:
+    return outputs.clone() if isinstance(outputs, Tensor) else tuple(t.clone() for t in outputs)
+
+
+def _capture(function: Callable[..., Outputs], *inputs: Tensor) -> tuple[Callable[[], None], Outputs]:
     """Capture ``function(*inputs)`` into a CUDA graph (after one warm-up call on a side stream, as
-    PyTorch asks): ``(replay, output)``, where ``replay()`` recomputes ``output`` in place from what
-    ``inputs`` hold then."""
+    PyTorch asks): ``(replay, output)``, where ``replay()`` recomputes ``output`` (a tensor or a tuple
+    of them) in place from what ``inputs`` hold then."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -57,16 +62,19 @@ def _weights_state(network: nn.Module) -> tuple:
 
 
 class GraphedNetwork:
-    """``network(ir, vis)``, replayed from a CUDA graph per ``(shape, dtype, device)`` of ``ir`` and
-    ``vis`` once that shape has been seen twice (see the module's note for the limits). The result
-    is a fresh tensor, equal to the network's own result."""
+    """``network(ir, vis)`` (or ``function(ir, vis)``, a method of it), replayed from a CUDA graph per
+    ``(shape, dtype, device)`` of ``ir`` and ``vis`` once that shape has been seen twice (see the
+    module's note for the limits). The result (a tensor or a tuple of them) is fresh, equal to the
+    network's own result."""
 
-    def __init__(self, network: nn.Module, max_graphs: int = DEFAULT_MAX_GRAPHS):
+    def __init__(self, network: nn.Module, max_graphs: int = DEFAULT_MAX_GRAPHS,
+                 function: Callable[[Tensor, Tensor], Outputs] | None = None):
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.network = network
+        self.function = network if function is None else function
         self.max_graphs = max_graphs
-        self._graphs: OrderedDict[tuple, tuple[Callable[[], None], tuple[Tensor, Tensor], Tensor]] = OrderedDict()
+        self._graphs: OrderedDict[tuple, tuple[Callable[[], None], tuple[Tensor, Tensor], Outputs]] = OrderedDict()
         self._seen: set[tuple] = set()
         self._weights: tuple | None = None
         self._lock = threading.Lock()
@@ -76,10 +84,10 @@ class GraphedNetwork:
         """The keys ``(shape, dtype, device)`` whose graphs are kept, least recently used first."""
         return list(self._graphs)
 
-    def __call__(self, ir: Tensor, vis: Tensor) -> Tensor:
+    def __call__(self, ir: Tensor, vis: Tensor) -> Outputs:
         if not _capturable(ir) or torch.is_grad_enabled() and any(p.requires_grad for p in
                                                                    self.network.parameters()):
-            return self.network(ir, vis)
+            return self.function(ir, vis)
         key = (tuple(ir.shape), tuple(vis.shape), ir.dtype, ir.device)
         with self._lock:
             weights = _weights_state(self.network)
@@ -93,22 +101,22 @@ class GraphedNetwork:
                 static_ir.copy_(ir)
                 static_vis.copy_(vis)
                 replay()
-                return output.clone()
+                return _cloned(output)
             if key not in self._seen:
                 self._seen.add(key)
-                return self.network(ir, vis)
+                return self.function(ir, vis)
             static = (ir.clone(), vis.clone())
-            replay, output = _capture(self.network, *static)
+            replay, output = _capture(self.function, *static)
             self._graphs[key] = (replay, static, output)
             while len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
-            return output.clone()
+            return _cloned(output)
 
 
-def graphed(network: nn.Module) -> GraphedNetwork:
-    """The :class:`GraphedNetwork` of ``network``, made on first use and kept with it (so that it
-    goes when the network goes)."""
-    found = network.__dict__.get("_graphed_network")
-    if found is None:
-        found = network.__dict__["_graphed_network"] = GraphedNetwork(network)
-    return found
+def graphed(network: nn.Module, method: str = "forward") -> GraphedNetwork:
+    """The :class:`GraphedNetwork` of ``network``'s ``method``, made on first use and kept with the
+    network (so that it goes when the network goes)."""
+    kept = network.__dict__.setdefault("_graphed_networks", {})
+    if method not in kept:
+        kept[method] = GraphedNetwork(network, function=getattr(network, method))
+    return kept[method]

@@ -10,7 +10,9 @@
   docs/model.md#numerics-of-the-deep-weighting) and the final per-image min-max stretch run in
   fp32, as do the BatchNorms folded into the convolutions and the fixed box filters. The fused
   image is float32. The error against fp32 is measured in bench/ (``python -m bench.precision``)
-  and given in the README.
+  and given in the README. It is large where the deep weights' denominator nearly cancels
+  (:func:`deep_weighting_conditioning` over :data:`CONDITIONING_LIMIT`): such an image is fused
+  again in fp32, with a :class:`SixteenBitFallback` warning.
 """
 from __future__ import annotations
 
@@ -28,6 +30,32 @@ from .reference.fusion import SourceWeights
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 DEFAULT_PRECISION = "fp32"
 SIXTEEN_BITS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CONDITIONING_LIMIT = 40.0
+"""Above this :func:`deep_weighting_conditioning`, an image is fused again in fp32. Measured on the
+21 TNO pairs with two sets of weights (bench/NOTES.md, "Precision on real pairs"): every pair up
+to 10 came within 3.1 grey levels of fp32 in bf16; of the 16 pairs from 170 up, 15 were 30 to 203
+levels off."""
+
+
+class SixteenBitFallback(RuntimeWarning):
+    """Images of a 16-bit call whose deep weighting was too ill-conditioned for 16 bits, fused in fp32
+    instead: ``images`` their indices in the batch, ``conditioning`` their values."""
+
+    def __init__(self, message: str, images: list[int], conditioning: list[float]):
+        super().__init__(message)
+        self.images = images
+        self.conditioning = conditioning
+
+
+def deep_weighting_conditioning(ir_deep: torch.Tensor, vis_deep: torch.Tensor) -> torch.Tensor:
+    """Per image, ``max (|g_ir| + |g_vis|) / (|g_ir + g_vis| + 1e-6)`` over the deep pixels, ``g`` the
+    3 x 3 box mean of a deep map's channel sum (the decoder's activity, up to its scale), in fp32:
+    how much the deep weights ``g / (g_ir + g_vis + 1e-6)`` magnify a relative change of the deep
+    maps. 1 where the activities share a sign; large where they nearly cancel."""
+    from .kernels.source_weighting import box_mean_of_channel_sum
+    g_ir, g_vis = (box_mean_of_channel_sum(x.float()) for x in (ir_deep, vis_deep))
+    ratio = (g_ir.abs() + g_vis.abs()) / ((g_ir + g_vis).abs() + 1e-6)
+    return ratio.flatten(1).amax(1)
 
 
 def check_precision(precision: str) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .fast.layout import is_channels_last
+from .precision import deep_weighting_conditioning
 from .reference.functional import WINDOW, minmax_to_255, reflect_pad_extended
 
 DEFAULT_TILE = 1024
@@ -54,10 +55,13 @@ def _spans(length: int, step: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, length)) for start in range(0, length, step)]
 
 
-def fuse_in_tiles(network: nn.Module, ir: Tensor, vis: Tensor, tile: int = DEFAULT_TILE) -> Tensor:
+def fuse_in_tiles(network: nn.Module, ir: Tensor, vis: Tensor, tile: int = DEFAULT_TILE, *,
+                  with_conditioning: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``network(ir, vis)`` computed tile by tile: the same fused images ``[B, 1, H, W]`` up to
     rounding (docs/tiling.md says where), with memory for one tile of ``tile x tile`` pixels plus
     its halo at full resolution, and for the deep maps and the result of the whole image.
+    ``with_conditioning``: also the deep weighting's conditioning per image, as
+    ``FastCrossFuse.forward_with_conditioning`` gives it.
 
     ``network`` is a :class:`~crossfuse_fast.CrossFuse` or a :class:`~crossfuse_fast.fast.FastCrossFuse`
     in inference (no gradient); ``ir`` and ``vis`` ``[B, 1, H, W]`` on 0..255, ``H, W >= 8``.
@@ -66,6 +70,7 @@ def fuse_in_tiles(network: nn.Module, ir: Tensor, vis: Tensor, tile: int = DEFAU
     height, width = ir.shape[-2:]
     ir_deep = _encode_in_tiles(network.ir_autoencoder, ir, tile)
     vis_deep = _encode_in_tiles(network.vis_autoencoder, vis, tile)
+    conditioning = deep_weighting_conditioning(ir_deep, vis_deep) if with_conditioning else None
     fused = _fuse_deep_in_blocks(network.fusion, ir_deep, vis_deep)
     decoder = network.fusion.decoder_fusion
     deep_sum = decoder.deep_sum(fused, ir_deep, vis_deep)
@@ -79,7 +84,7 @@ def fuse_in_tiles(network: nn.Module, ir: Tensor, vis: Tensor, tile: int = DEFAU
                 result = block.new_empty(*block.shape[:2], height, width,
                                          dtype=torch.promote_types(block.dtype, torch.float32))
             result[..., rows[0]:rows[1], columns[0]:columns[1]] = block
-    return minmax_to_255(result)
+    return minmax_to_255(result) if conditioning is None else (minmax_to_255(result), conditioning)
 
 
 def _encode_in_tiles(autoencoder: nn.Module, images: Tensor, tile: int) -> Tensor:

@@ -102,3 +102,18 @@ def test_replays_give_the_networks_results_on_cuda(model):
             ir, vis = (x.cuda() * 255 for x in _inputs((2, 1, 64, 96), seed))
             assert torch.equal(graphed(ir, vis), network(ir, vis))
     assert len(graphed.captured_shapes) == 1
+
+
+def test_a_method_with_several_outputs(emulated):
+    """``graphed(network, method)``: a method returning a tuple is captured and replayed whole, each
+    output a fresh tensor; one graphed function per method, kept with the network."""
+    network = Counting()
+    network.both = lambda ir, vis: (network(ir, vis), ir.sum((1, 2, 3)))
+    graphed = cuda_graphs.graphed(network, "both")
+    assert cuda_graphs.graphed(network, "both") is graphed and cuda_graphs.graphed(network) is not graphed
+    with torch.no_grad():
+        for seed in range(3):
+            ir, vis = _inputs((2, 1, 3, 3), seed)
+            fused, sums = graphed(ir, vis)
+            assert torch.equal(fused, ir * 2 + vis) and torch.equal(sums, ir.sum((1, 2, 3)))
+    assert len(emulated) == 1

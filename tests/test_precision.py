@@ -10,7 +10,8 @@ from utils import GPU, LaunchRecorder
 from crossfuse_fast import fuse, kernels
 from crossfuse_fast.cli import main
 from crossfuse_fast.kernels import implicit_gemm_conv
-from crossfuse_fast.precision import PRECISIONS, model_in, sixteen_bit_copy, tf32_allowed
+from crossfuse_fast.precision import (CONDITIONING_LIMIT, PRECISIONS, SixteenBitFallback, deep_weighting_conditioning,
+                                      model_in, sixteen_bit_copy, tf32_allowed)
 from crossfuse_fast.reference.fusion import SourceWeights
 
 # Largest and mean |fused - fp32 reference| in grey levels: twice the measured 2.16 / 0.48 (bf16) and
@@ -128,3 +129,50 @@ def test_sixteen_bits_on_the_gpu_within_the_measured_error(model, precision):
     error = (fuse(ir, vis, model=model, backend="fast", precision=precision) - reference).abs()
     largest, mean = ERROR_BOUNDS[precision]
     assert error.max().item() <= largest and error.mean().item() <= mean
+
+
+def test_the_conditioning_of_the_deep_weighting():
+    """1 where the two activities share a sign, their sum over their difference where they nearly
+    cancel, per image."""
+    ir = torch.ones(2, 4, 3, 5)
+    vis = torch.ones(2, 4, 3, 5)
+    vis[1] = -0.999
+    got = deep_weighting_conditioning(ir, vis)
+    assert got[0].item() == pytest.approx(1.0) and got[1].item() == pytest.approx(1.999 / 0.001, rel=1e-3)
+
+
+@pytest.mark.parametrize("tile", [None, 16], ids=["whole", "tiles"])
+def test_an_ill_conditioned_image_is_fused_again_in_fp32(model, monkeypatch, tile):
+    """An image whose conditioning is over the limit is fused in fp32 (the fp32 call's very bits),
+    the others stay 16-bit, and a SixteenBitFallback names it; so in tiles."""
+    from crossfuse_fast import tiling
+    from crossfuse_fast.fast import model as fast_model
+
+    ir, vis = _pairs(43, size=(32, 40))
+    sixteen = fuse(ir, vis, model=model, backend="fast", precision="bf16", tile=tile)
+    calls = []
+
+    def second_call_ill_conditioned(ir_deep, vis_deep):
+        """On a CPU the images of a call run one at a time: the second is image 1."""
+        calls.append(1)
+        return torch.tensor([1.0 if len(calls) % 2 else 2 * CONDITIONING_LIMIT])
+
+    for owner in (fast_model, tiling):
+        monkeypatch.setattr(owner, "deep_weighting_conditioning", second_call_ill_conditioned)
+    with pytest.warns(SixteenBitFallback, match="1 of 2 images fused in fp32 instead of bf16") as caught:
+        got = fuse(ir, vis, model=model, backend="fast", precision="bf16", tile=tile)
+    assert caught[0].message.images == [1]
+    assert torch.equal(got[0], sixteen[0])
+    assert torch.equal(got[1], fuse(ir[1:], vis[1:], model=model, backend="fast", tile=tile)[0])
+
+
+def test_the_command_names_each_pair_fused_in_fp32(trained, tmp_path, capsys, monkeypatch):
+    from crossfuse_fast.fast import model as fast_model
+    monkeypatch.setattr(fast_model, "deep_weighting_conditioning",
+                        lambda ir_deep, vis_deep: torch.full((ir_deep.shape[0],), 2 * CONDITIONING_LIMIT))
+    pairs = trained / "pairs"
+    assert main(["fuse", "--ir", str(pairs / "ir"), "--vis", str(pairs / "vis"), "--out", str(tmp_path / "out"),
+                 "--precision", "bf16", "--backend", "fast", *weights(trained)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "fused in fp32" in line]
+    assert len(notes) == 2 and all(line.startswith("crossfuse fuse: ") and "ill-conditioned" in line
+                                   for line in notes)

@@ -52,7 +52,8 @@ def test_fuse_runs_large_images_in_tiles(model, monkeypatch):
     the untiled call to rounding (docs/tiling.md#exactness)."""
     calls = []
     original = tiling.fuse_in_tiles
-    monkeypatch.setattr(tiling, "fuse_in_tiles", lambda *args: calls.append(args[-1]) or original(*args))
+    monkeypatch.setattr(tiling, "fuse_in_tiles",
+                        lambda *args, **options: calls.append(args[-1]) or original(*args, **options))
     ir, vis = (x.float() for x in _pair(40, 56, batch=1, seed=1))
     whole = fuse(ir, vis, model=model, backend="reference", tile=None)
     assert calls == []

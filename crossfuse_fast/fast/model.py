@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from ..backends import DEFAULT_KERNEL_BACKEND
 from ..model import CrossFuse
+from ..precision import deep_weighting_conditioning
 from ..reference.fusion import FusionNet
 from .cross_encoder import FastCrossEncoder
 from .decoder import FastFusionDecoder
@@ -59,3 +60,12 @@ class FastCrossFuse(nn.Module):
         ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
         return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow)
+
+    def forward_with_conditioning(self, ir: Tensor, vis: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` and, per image, the conditioning of its deep weighting
+        (:func:`crossfuse_fast.precision.deep_weighting_conditioning`), which says whether 16 bits
+        suffice for it."""
+        ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
+        vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
+        return (self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow),
+                deep_weighting_conditioning(ir_deep, vis_deep))
