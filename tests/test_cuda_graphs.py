@@ -103,11 +103,14 @@ def test_replays_give_the_networks_results_on_cuda(model):
     """Real CUDA graphs of the fast network: replays with new inputs equal eager calls, bit for bit."""
     network = copy.deepcopy(model).cuda().fast()
     graphed = GraphedNetwork(network)
+    with_conditioning = cuda_graphs.graphed(network, "forward_with_conditioning")
     with torch.inference_mode():
         for seed in range(4):
             ir, vis = (x.cuda() * 255 for x in _inputs((2, 1, 64, 96), seed))
             assert torch.equal(graphed(ir, vis), network(ir, vis))
-    assert len(graphed.captured_shapes) == 1
+            for got, want in zip(with_conditioning(ir, vis), network.forward_with_conditioning(ir, vis)):
+                assert torch.equal(got, want)
+    assert len(graphed.captured_shapes) == 1 and len(with_conditioning.captured_shapes) == 1
 
 
 def test_a_method_with_several_outputs(emulated):
