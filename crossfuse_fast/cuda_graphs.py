@@ -14,7 +14,8 @@ Limits, by design:
   are kept (default 2), the least recently used dropped first.
 - Weights: a replay reads the weights where they were at capture. A weight written since (in
   place or replaced) is noticed by its version counter and every graph is dropped, so the next
-  calls capture again.
+  calls capture again; weights made under ``torch.inference_mode`` keep no version counter, so
+  their network is never captured.
 - One call at a time per network (a lock), since a graph's inputs and output are fixed buffers.
 - A network that synchronises with the host inside its call cannot be captured; the fast
   networks do not (the box filters' values are read when the network is made).
@@ -27,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from .tensor_versions import versions
 
 DEFAULT_MAX_GRAPHS = 2
 Outputs = Tensor | tuple[Tensor, ...]
@@ -56,11 +59,6 @@ def _capturable(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _weights_state(network: nn.Module) -> tuple:
-    return tuple((id(t), t.data_ptr(), getattr(t, "_version", None) if not t.is_inference() else None)
-                 for t in (*network.parameters(), *network.buffers()))
-
-
 class GraphedNetwork:
     """``network(ir, vis)`` (or ``function(ir, vis)``, a method of it), replayed from a CUDA graph per
     ``(shape, dtype, device)`` of ``ir`` and ``vis`` once that shape has been seen twice (see the
@@ -88,9 +86,11 @@ class GraphedNetwork:
         if not _capturable(ir) or torch.is_grad_enabled() and any(p.requires_grad for p in
                                                                    self.network.parameters()):
             return self.function(ir, vis)
+        weights = versions([*self.network.parameters(), *self.network.buffers()])
+        if weights is None:  # weights made under inference mode: a change could not be noticed
+            return self.function(ir, vis)
         key = (tuple(ir.shape), tuple(vis.shape), ir.dtype, ir.device)
         with self._lock:
-            weights = _weights_state(self.network)
             if weights != self._weights:
                 self._graphs.clear()
                 self._seen.clear()

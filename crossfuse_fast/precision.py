@@ -26,15 +26,15 @@ from torch import nn
 
 from .model import CrossFuse
 from .reference.fusion import SourceWeights
+from .tensor_versions import versions
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 DEFAULT_PRECISION = "fp32"
 SIXTEEN_BITS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CONDITIONING_LIMIT = 40.0
-"""Above this :func:`deep_weighting_conditioning`, an image is fused again in fp32. Measured on the
-21 TNO pairs with two sets of weights (bench/NOTES.md, "Precision on real pairs"): every pair up
-to 10 came within 3.1 grey levels of fp32 in bf16; of the 16 pairs from 170 up, 15 were 30 to 203
-levels off."""
+"""Above this :func:`deep_weighting_conditioning`, an image is fused again in fp32: between the
+conditioning of the pairs whose 16-bit images stayed within a few grey levels of fp32 and that of
+those that did not, as measured in bench/NOTES.md ("Precision on real pairs")."""
 
 
 class SixteenBitFallback(RuntimeWarning):
@@ -111,13 +111,6 @@ _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """``model -> {dtype: (the weights' identities and versions, the copy)}`` for :func:`model_in`."""
 
 
-def _fingerprint(model: nn.Module) -> tuple | None:
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(t.is_inference() for t in tensors):
-        return None  # inference tensors keep no version counter: copy again every time
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-
-
 def model_in(model: CrossFuse, precision: str) -> CrossFuse:
     """``model`` itself for fp32 and tf32; for 16 bits its 16-bit copy, made once and kept (while the
     model lives) until one of its weights changes."""
@@ -125,7 +118,7 @@ def model_in(model: CrossFuse, precision: str) -> CrossFuse:
     if precision not in SIXTEEN_BITS:
         return model
     dtype = SIXTEEN_BITS[precision]
-    fingerprint = _fingerprint(model)
+    fingerprint = versions([*model.parameters(), *model.buffers()])  # None: copied again every time
     copies = _COPIES.setdefault(model, {})
     cached = copies.get(dtype)
     if fingerprint is None or cached is None or cached[0] != fingerprint:

@@ -126,3 +126,14 @@ def test_a_method_with_several_outputs(emulated):
             fused, sums = graphed(ir, vis)
             assert torch.equal(fused, ir * 2 + vis) and torch.equal(sums, ir.sum((1, 2, 3)))
     assert len(emulated) == 1
+
+
+def test_weights_made_in_inference_mode_are_never_captured(emulated):
+    """Such weights keep no version counter, so a write into them could not drop a stale graph."""
+    with torch.inference_mode():
+        network = Counting()
+    graphed = GraphedNetwork(network)
+    with torch.inference_mode():
+        for seed in range(3):
+            graphed(*_inputs((1, 1, 3, 3), seed))
+    assert emulated == [] and graphed.captured_shapes == []

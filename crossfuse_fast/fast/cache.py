@@ -7,6 +7,8 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
+from ..tensor_versions import versions
+
 T = TypeVar("T")
 
 
@@ -38,10 +40,9 @@ class Derived(Generic[T]):
             if self._state is None:
                 raise RuntimeError("a value read from the weights' data must be derived once before compiling")
             return self._value
-        sources = self.sources()
-        if any(t is not None and t.is_inference() for t in sources):
+        state = versions(self.sources())
+        if state is None:
             return self.compute()
-        state = tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in sources)
         if state != self._state:
             self._value, self._state = self.compute(), state
         return self._value
