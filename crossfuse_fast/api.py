@@ -179,11 +179,11 @@ def _fuse_tensors(ir: torch.Tensor, vis: torch.Tensor, model: CrossFuse, backend
     if not sixteen_bits:
         return torch.cat(parts).to(device)
     fused = torch.cat([part[0] for part in parts]).to(torch.float32, copy=True)
-    conditioning = torch.cat([part[1] for part in parts]).cpu()
-    redo = [index for index, value in enumerate(conditioning.tolist()) if value > CONDITIONING_LIMIT]
+    conditioning = torch.cat([part[1] for part in parts]).tolist()
+    redo = [index for index, value in enumerate(conditioning) if value > CONDITIONING_LIMIT]
     if redo:
         fused[redo] = _fuse_tensors(ir[redo], vis[redo], full_precision, backend, tile).to(fused)
-        values = [conditioning[index].item() for index in redo]
+        values = [conditioning[index] for index in redo]
         warnings.warn(SixteenBitFallback(
             f"{len(redo)} of {ir.shape[0]} images fused in fp32 instead of {precision}: their deep weighting is too "
             f"ill-conditioned for 16 bits (conditioning up to {max(values):.3g}, limit {CONDITIONING_LIMIT:g}; "

@@ -51,12 +51,13 @@ class PairFiles(Dataset):
         try:
             ir, vis, ycrcb = luminance_pair(read_image(ir_path), read_image(vis_path), self.uint16_scaling)
         except (ValueError, OSError, cv2.error) as error:
-            return {"index": index, "ir": _NOTHING, "vis": _NOTHING, "ycrcb": _NOTHING, "error": _one_line(error)}
+            return {"index": index, "ir": _NOTHING, "vis": _NOTHING, "ycrcb": _NOTHING, "error": one_line(error)}
         return {"index": index, "ir": torch.from_numpy(ir)[None], "vis": torch.from_numpy(vis)[None],
                 "ycrcb": _NOTHING if ycrcb is None else torch.from_numpy(ycrcb), "error": ""}
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
+    """The first line of ``error``'s message (its type's name where it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -107,7 +108,7 @@ def _fused(group: list[dict], fuse_batch: Callable, device: torch.device) -> Ite
             fused = fuse_batch(ir, vis)[:, 0].float().cpu().numpy()
     except ValueError as error:
         if len(group) == 1:
-            yield Fused(group[0]["index"], None, _one_line(error))
+            yield Fused(group[0]["index"], None, one_line(error))
             return
         for item in group:
             yield from _fused([item], fuse_batch, device)

@@ -258,7 +258,7 @@ def _command_fuse(args: argparse.Namespace) -> int:
     two videos are fused frame by frame (:func:`_command_fuse_video`)."""
     from tqdm import tqdm
 
-    from .batched_fusion import fuse_batch_with, fuse_files
+    from .batched_fusion import fuse_batch_with, fuse_files, one_line
     if not args.pairs and (is_video(args.ir) or is_video(args.vis)):
         return _command_fuse_video(args)
     jobs, problems = _fuse_jobs(args)
@@ -279,16 +279,17 @@ def _command_fuse(args: argparse.Namespace) -> int:
                                      workers=args.workers, uint16_scaling=args.uint16_scaling):
                 ir_path, vis_path, out = todo[result.index]
                 bar.update()
-                try:
-                    if result.image is None:
-                        raise ValueError(result.error)
-                    write_image(out, result.image, overwrite=True)
-                    if result.note:
-                        print(f"crossfuse fuse: {ir_path}, {vis_path}: {result.note}", file=sys.stderr)
-                except (ValueError, OSError, cv2.error) as error:
-                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                reason = result.error
+                if result.image is not None:
+                    try:
+                        write_image(out, result.image, overwrite=True)
+                    except (ValueError, OSError, cv2.error) as error:
+                        reason = one_line(error)
+                if reason:
                     failures.append(f"{ir_path}, {vis_path}: {reason}")
                     continue
+                if result.note:
+                    print(f"crossfuse fuse: {ir_path}, {vis_path}: {result.note}", file=sys.stderr)
                 print(out)
         fused_count = len(todo) - len(failures)
         if fused_count > 1:

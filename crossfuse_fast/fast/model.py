@@ -55,17 +55,18 @@ class FastCrossFuse(nn.Module):
         self.vis_autoencoder = FastAutoEncoder(model.vis_autoencoder, channels_last, kernel_backend)
         self.fusion = FastFusionNet(model.fusion, kernel_backend)
 
-    def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
-        """``CrossFuse.forward``: fused images ``[B, 1, H, W]`` on 0..255."""
+    def _fused_and_deep_maps(self, ir: Tensor, vis: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
         vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
-        return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow)
+        return self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow), ir_deep, vis_deep
+
+    def forward(self, ir: Tensor, vis: Tensor) -> Tensor:
+        """``CrossFuse.forward``: fused images ``[B, 1, H, W]`` on 0..255."""
+        return self._fused_and_deep_maps(ir, vis)[0]
 
     def forward_with_conditioning(self, ir: Tensor, vis: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`forward` and, per image, the conditioning of its deep weighting
         (:func:`crossfuse_fast.precision.deep_weighting_conditioning`), which says whether 16 bits
         suffice for it."""
-        ir_shallow, ir_deep = self.ir_autoencoder.encode(ir)
-        vis_shallow, vis_deep = self.vis_autoencoder.encode(vis)
-        return (self.fusion(ir_deep, ir_shallow, vis_deep, vis_shallow),
-                deep_weighting_conditioning(ir_deep, vis_deep))
+        fused, ir_deep, vis_deep = self._fused_and_deep_maps(ir, vis)
+        return fused, deep_weighting_conditioning(ir_deep, vis_deep)
