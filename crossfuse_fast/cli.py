@@ -312,8 +312,9 @@ def _command_train_autoencoder(args: argparse.Namespace) -> None:
                if args.synthetic else ImageFolder(args.images, args.size))
     with process_group(_device(args.device)) as device:
         train_autoencoder(dataset, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          device=device, max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args),
-                          seed=args.seed, resume=args.resume, save_every=args.save_every, keep=args.keep)
+                          decay_from_epoch=args.lr_decay_epoch, device=device, max_steps=args.max_steps,
+                          overwrite=args.overwrite, backend=_backend(args), seed=args.seed, resume=args.resume,
+                          save_every=args.save_every, keep=args.keep)
 
 
 def _command_train_fusion(args: argparse.Namespace) -> None:
@@ -325,9 +326,10 @@ def _command_train_fusion(args: argparse.Namespace) -> None:
     vis_autoencoder = load_into(AutoEncoder(), args.vis_autoencoder, "a visible autoencoder checkpoint")
     with process_group(_device(args.device)) as device:
         train_fusion(dataset, ir_autoencoder, vis_autoencoder, args.out, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr, device=device, max_steps=args.max_steps,
-                     overwrite=args.overwrite, backend=_backend(args), seed=args.seed, resume=args.resume,
-                     save_every=args.save_every, cache_features=args.cache_features, keep=args.keep)
+                     batch_size=args.batch_size, lr=args.lr, decay_from_epoch=args.lr_decay_epoch, device=device,
+                     max_steps=args.max_steps, overwrite=args.overwrite, backend=_backend(args), seed=args.seed,
+                     resume=args.resume, save_every=args.save_every, cache_features=args.cache_features,
+                     keep=args.keep)
 
 
 def _command_export(args: argparse.Namespace) -> None:
@@ -509,7 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=_positive, default=2 if stage1 else 8,
                          help="images per step (under torchrun: of all processes together, split evenly)")
         sub.add_argument("--lr", type=float, default=1e-4 if stage1 else 1e-3,
-                         help="Adam's learning rate (x 0.1 from the third epoch on)")
+                         help="Adam's learning rate (x 0.1 from --lr-decay-epoch on)")
+        sub.add_argument("--lr-decay-epoch", type=_positive, default=3, metavar="E",
+                         help="the learning rate is x 0.1 from epoch E on (the released schedule's 3; an epoch "
+                              "of a small data set is short, bench/NOTES.md)")
         sub.add_argument("--size", type=_at_least_8 if stage1 else _multiple_of_16, default=256,
                          help="training images are resized to SIZE x SIZE" + ("" if stage1 else
                          " (a multiple of 16: the cross encoder reads the whole deep map in 2 x 2 patches)"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from crossfuse_fast import CrossFuse
+from crossfuse_fast.cli import main
 from crossfuse_fast.data import SyntheticPairs
 from crossfuse_fast.fast import FastFusionNet
 from crossfuse_fast.losses import autoencoder_loss, fusion_loss, gradient_loss, laplacian, order_loss
@@ -154,6 +155,21 @@ def test_learning_rate_schedule(tmp_path, monkeypatch):
     train_autoencoder(SyntheticPairs(2, 16, modality="ir"), tmp_path, epochs=4, max_steps=1,
                       autoencoder=autoencoder, log=lambda line: None)
     assert seen == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+
+
+def test_learning_rate_decay_epoch_from_the_command_line(tmp_path, monkeypatch):
+    seen = []
+    original_step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    assert main(["train-autoencoder", "--synthetic", "2", "--synthetic-modality", "ir", "--size", "16",
+                 "--epochs", "4", "--max-steps", "1", "--lr-decay-epoch", "4", "--backend", "reference",
+                 "--out", str(tmp_path)]) == 0
+    assert seen == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5])
 
 
 def test_stage_one_loss_traces_as_one_graph():
