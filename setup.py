@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={"export": ["onnx", "onnxruntime"], "metrics": ["pyrtools", "PyWavelets"],
-                    "dev": ["pytest", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy",
+                    "dev": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib", "scikit-image", "scikit-learn", "scipy",
                             "onnx", "onnxruntime", "pyrtools", "PyWavelets"]},
     entry_points={"console_scripts": ["crossfuse = crossfuse_fast.cli:main"]},
 )

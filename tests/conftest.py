@@ -49,9 +49,16 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", nan_empty_like)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    # Torch uses both cores of the CI machine; more threads only contend.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if config.getoption("dist", "no") != "no" or "PYTEST_XDIST_WORKER" in os.environ:
+        # The suite has no benchmarks (bench/ has): pytest-benchmark need not warn that it
+        # turns them off under xdist.
+        config.option.benchmark_disable = True
+    # Torch threads share the machine's cores with pytest-xdist's workers (-n): more threads only
+    # contend, and most of the suite is Triton's single-threaded interpreter.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="session")
