@@ -44,8 +44,8 @@ def test_a_pair_through_the_triton_kernels_only(model, monkeypatch):
     that are not multiples of 8, so the decoder's size adjust runs too (by address).
 
     The tiles cut the encoders and the decoder only: the cross encoder sees the whole deep map
-    either way, so in tiles it runs on its twins (its kernels ran above; in the interpreter one
-    32 x 32 window costs about half a minute)."""
+    either way, so in tiles it runs on its twins (its kernels ran above, and its window is this
+    test's largest cost in Triton's interpreter)."""
     generator = torch.Generator().manual_seed(23)
     ir, vis = ((torch.rand(1, 1, 19, 29, generator=generator) * 255).to(DEVICE) for _ in range(2))
     model = copy.deepcopy(model).to(DEVICE)
@@ -61,8 +61,8 @@ def test_a_pair_through_the_triton_kernels_only(model, monkeypatch):
     assert got.shape == (1, 1, 19, 29)
     bound = 2 * (reference.double() - exact).abs().max().item() + 1e-3
     assert (got.double() - exact).abs().max().item() <= bound
-    # In tiles (crossfuse_fast.tiling) on the same kernels; the deep maps are padded to whole windows
-    # there, by F.pad, so the functions are given back first.
+    # In tiles (crossfuse_fast.tiling) on the same encoder and decoder kernels; the deep maps are
+    # padded to whole windows there, by F.pad, so the functions are given back first.
     monkeypatch.undo()
     network.fusion.encoder = FastCrossEncoder(model.fusion.cross_atten_block, "torch")
     with torch.no_grad():
